@@ -1,0 +1,71 @@
+"""Evaluation sets on disk: query shards, gallery shards and the protocol that ranks them.
+
+Layout::
+
+    <dir>/protocol.json     Protocol fields (below)
+    <dir>/queries/          query shards + index.json
+    <dir>/gallery/          image shards + index.json (gallery order = write order)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from cirlab.data.shards import ShardIndex, read_index, write_shards
+
+
+@dataclass
+class Protocol:
+    """How a benchmark ranks and scores: which image is excluded, which metrics, how texts join."""
+
+    name: str                       # e.g. "cirr", "fashioniq-dress", "circo", "synthetic"
+    split: str = "val"
+    exclude_reference: bool = False  # CIRR and the synthetic world remove the reference image
+    recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    subset_ks: list[int] = field(default_factory=list)   # CIRR: [1, 2, 3]
+    map_ks: list[int] = field(default_factory=list)      # CIRCO: [5, 10, 25, 50]
+    text_format: str = "plain"      # "plain" (one text) | "fashioniq" (two captions to join)
+    group: str | None = None        # evaluation sets averaged together (FashionIQ categories)
+    has_targets: bool = True        # test splits of CIRR/CIRCO have none: submission files only
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Protocol":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class EvalSet:
+    root: Path
+    protocol: Protocol
+    queries: ShardIndex
+    gallery: ShardIndex
+
+
+def write_eval_set(out_dir: str | os.PathLike, protocol: Protocol, queries: Iterable[dict[str, Any]],
+                   gallery: Iterable[dict[str, Any]], maxcount: int = 1000) -> EvalSet:
+    """Write query samples (kind "query") and gallery samples (kind "image") with the protocol."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = write_shards(gallery, out / "gallery", "image", maxcount=maxcount)
+    q = write_shards(queries, out / "queries", "query", maxcount=maxcount)
+    (out / "protocol.json").write_text(json.dumps(protocol.to_json(), indent=1))
+    return EvalSet(out, protocol, q, g)
+
+
+def load_eval_set(path: str | os.PathLike) -> EvalSet:
+    """Open an evaluation set folder; fails with the path if it is not one."""
+    root = Path(path)
+    pfile = root / "protocol.json"
+    if not pfile.is_file():
+        raise FileNotFoundError(f"{root} is not an evaluation set (no protocol.json); "
+                                "build one with `cirlab data` or the synthetic world")
+    protocol = Protocol.from_json(json.loads(pfile.read_text()))
+    return EvalSet(root, protocol, read_index(root / "queries"), read_index(root / "gallery"))

@@ -1,0 +1,124 @@
+"""Writing WebDataset shards of any sample kind, with an index (count) file beside them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+from PIL import Image
+
+from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
+
+INDEX_NAME = "index.json"
+
+
+@dataclass
+class ShardIndex:
+    """What a shard folder holds: its kind, its shards (relative names) and their sample counts."""
+
+    kind: str
+    shards: list[str]
+    counts: list[int]
+    root: Path = field(default=Path("."))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / s) for s in self.shards]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "total": self.total,
+                "shards": [{"name": s, "count": c} for s, c in zip(self.shards, self.counts)]}
+
+
+def read_index(folder: str | os.PathLike) -> ShardIndex:
+    """Read ``folder/index.json``; a missing folder or index fails with its path."""
+    folder = Path(folder)
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard index at {path}: write shards there first (cirlab data …)")
+    meta = json.loads(path.read_text())
+    return ShardIndex(meta["kind"], [s["name"] for s in meta["shards"]],
+                      [int(s["count"]) for s in meta["shards"]], folder)
+
+
+def encode_image(img: Any, fmt: str = "jpeg", quality: int = 95) -> bytes:
+    """PIL image, raw encoded bytes, or a file path -> encoded bytes (bytes and files pass unchanged)."""
+    if isinstance(img, (bytes, bytearray)):
+        return bytes(img)
+    if isinstance(img, (str, os.PathLike)):
+        return Path(img).read_bytes()
+    if isinstance(img, Image.Image):
+        buf = io.BytesIO()
+        if fmt == "png":
+            img.save(buf, format="PNG")
+        else:
+            img.convert("RGB").save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+    raise TypeError(f"cannot encode image of type {type(img).__name__}: give a PIL image, bytes or a path")
+
+
+def sample_to_members(sample: dict[str, Any], kind: str, key: str, image_format: str = "jpeg") -> dict[str, Any]:
+    """Turn a sample dict (field names as in DESIGN.md) into webdataset members for ``key``."""
+    if "id" not in sample:
+        raise KeyError(f"{kind} sample has no 'id' field")
+    members: dict[str, Any] = {"__key__": key}
+    meta: dict[str, Any] = {}
+    for name, value in sample.items():
+        if name in IMAGE_FIELDS[kind]:
+            ext = IMAGE_FIELDS[kind][name]
+            if image_format == "png":
+                ext = ext.replace("jpg", "png")
+            members[ext] = encode_image(value, "png" if image_format == "png" else "jpeg")
+        elif name in TEXT_FIELDS[kind]:
+            members[TEXT_FIELDS[kind][name]] = str(value)
+        else:
+            meta[name] = value
+    missing = [f for f in list(IMAGE_FIELDS[kind]) + list(TEXT_FIELDS[kind]) + list(REQUIRED_JSON[kind])
+               if f not in sample]
+    if missing:
+        raise KeyError(f"{kind} sample {sample['id']!r} lacks field(s) {missing}")
+    members["json"] = json.dumps(meta).encode()
+    return members
+
+
+def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, kind: str,
+                 maxcount: int = 1000, prefix: str = "shard", image_format: str = "jpeg") -> ShardIndex:
+    """Write samples of one kind into ``out_dir/{prefix}-NNNNNN.tar`` plus ``index.json``.
+
+    Images may be PIL images, encoded bytes or file paths. Returns the index written.
+    """
+    check_kind(kind)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    counts: list[int] = []
+    shard_no, in_shard, sink = -1, 0, None
+    try:
+        for i, sample in enumerate(samples):
+            if sink is None or in_shard >= maxcount:
+                if sink is not None:
+                    sink.close()
+                shard_no += 1
+                name = f"{prefix}-{shard_no:06d}.tar"
+                sink = wds.TarWriter(str(out / name))
+                names.append(name)
+                counts.append(0)
+                in_shard = 0
+            sink.write(sample_to_members(sample, kind, f"{i:010d}", image_format))
+            in_shard += 1
+            counts[-1] += 1
+    finally:
+        if sink is not None:
+            sink.close()
+    index = ShardIndex(kind, names, counts, out)
+    (out / INDEX_NAME).write_text(json.dumps(index.to_json(), indent=1))
+    return index
