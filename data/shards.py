@@ -66,6 +66,15 @@ def encode_image(img: Any, fmt: str = "jpeg", quality: int = 95) -> bytes:
     raise TypeError(f"cannot encode image of type {type(img).__name__}: give a PIL image, bytes or a path")
 
 
+def _ext_for_bytes(data: bytes, ext: str) -> str:
+    """Member extension that matches already-encoded bytes (PNG bytes go to .png, JPEG to .jpg)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ext.replace("jpg", "png")
+    if data[:3] == b"\xff\xd8\xff":
+        return ext.replace("png", "jpg")
+    return ext
+
+
 def sample_to_members(sample: dict[str, Any], kind: str, key: str, image_format: str = "jpeg") -> dict[str, Any]:
     """Turn a sample dict (field names as in DESIGN.md) into webdataset members for ``key``."""
     if "id" not in sample:
@@ -77,7 +86,8 @@ def sample_to_members(sample: dict[str, Any], kind: str, key: str, image_format:
             ext = IMAGE_FIELDS[kind][name]
             if image_format == "png":
                 ext = ext.replace("jpg", "png")
-            members[ext] = encode_image(value, "png" if image_format == "png" else "jpeg")
+            data = encode_image(value, "png" if image_format == "png" else "jpeg")
+            members[_ext_for_bytes(data, ext)] = data
         elif name in TEXT_FIELDS[kind]:
             members[TEXT_FIELDS[kind][name]] = str(value)
         else:

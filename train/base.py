@@ -1,0 +1,262 @@
+"""The one base task every method derives from (TorchGeo's BaseTask pattern).
+
+It owns what the methods share: building the backbone from the recipe, the optimizer and
+schedule, keeping a frozen backbone in eval mode, exporting weights, and evaluation (gallery and
+query features -> ranking -> the benchmark's metrics). A method defines how it trains
+(`training_step`) and how it turns (reference feature, text) into a query feature
+(`query_features`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.data.evalset import Protocol
+from cirlab.models.backbone import Backbone
+from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
+from cirlab.train.evaluation import (GalleryIndex, QueryLog, group_average, protocol_score, save_results,
+                                     score_queries, write_submission)
+from cirlab.train.optim import build_optimizer, lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+def build_backbone(cfg: BackboneConfig, load_image_tower: bool = True) -> Backbone:
+    """A Backbone from its recipe section."""
+    lora = asdict(cfg.lora) if cfg.lora is not None else None
+    return Backbone(cfg.model_name, cfg.pretrained, load_image_tower=load_image_tower,
+                    freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
+                    grad_checkpointing=cfg.grad_checkpointing, lora=lora)
+
+
+class BaseTask(L.LightningModule):
+    """Shared parts of every cirlab task; subclasses override the configure_* hooks and training_step.
+
+    Recipe sections left out (None) take the method's reference defaults (`default_*` below).
+    """
+
+    #: keep the backbone in eval mode while training (frozen BatchNorm statistics, no dropout)
+    backbone_eval_mode: bool = False
+    #: whether evaluation needs the image tower (False lets text-only training skip loading it)
+    needs_image_tower: bool = True
+
+    def default_optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig()
+
+    def default_scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig()
+
+    def default_backbone(self) -> BackboneConfig:
+        return BackboneConfig()
+
+    def __init__(self, backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
+                 scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
+        super().__init__()
+        self.backbone_cfg = backbone or self.default_backbone()
+        self.optimizer_cfg = optimizer or self.default_optimizer()
+        self.scheduler_cfg = scheduler or self.default_scheduler()
+        self.eval_cfg = evaluation or EvalConfig()
+        self.save_hyperparameters()
+        self.configure_models()
+        self.last_results: dict[str, dict[str, float]] = {}
+        self.last_rankings: dict[str, dict[str, Any]] = {}
+        self._gallery_cache: dict[str, GalleryIndex] = {}
+
+    # ----------------------------------------------------------------- hooks for the methods
+    def configure_models(self) -> None:
+        """Build the networks. The default builds the backbone only."""
+        self.backbone = build_backbone(self.backbone_cfg, load_image_tower=self.needs_image_tower)
+
+    def image_transform(self, train: bool):
+        """The transform images go through; the recipe picks clip / targetpad / squarepad."""
+        kw = {}
+        if train and self.backbone_cfg.train_scale is not None:
+            kw["train_scale"] = tuple(self.backbone_cfg.train_scale)
+        return self.backbone.transform(self.backbone_cfg.image_transform, train=train, **kw)
+
+    def gallery_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw features of gallery images (normalised later for ranking)."""
+        return self.backbone.encode_image(images)
+
+    def query_texts(self, texts: list[list[str]], protocol: Protocol) -> list[str]:
+        """One text per query from the benchmark's caption list; methods with other joins override."""
+        if protocol.text_format == "fashioniq":
+            from cirlab.data.benchmarks.fashioniq import join_captions_eval
+            return [join_captions_eval(t[0], t[1]) for t in texts]
+        return [t[0] for t in texts]
+
+    def query_features(self, ref_features: torch.Tensor, texts: list[list[str]], protocol: Protocol) -> torch.Tensor:
+        """Raw query features from raw reference features and each query's texts."""
+        raise NotImplementedError
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        """Modules written as safetensors at the end of fit (besides the backbone)."""
+        return {}
+
+    def _image_parameters(self) -> list[nn.Parameter]:
+        visual = getattr(self.backbone.model, "visual", None)
+        return list(visual.parameters()) if visual is not None else []
+
+    def trainable_backbone(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    def setup(self, stage: str) -> None:
+        """Hand the data module this model's image transforms, then let the method adjust it."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            if hasattr(dm, "set_transforms"):
+                dm.set_transforms(self.image_transform(train=True), self.image_transform(train=False))
+            self.configure_datamodule(dm)
+
+    def configure_datamodule(self, dm: Any) -> None:
+        """Method hook: e.g. stage 2 turns off image decoding for training batches."""
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        opt = build_optimizer(self.named_parameters(), self.optimizer_cfg)
+        total = self.scheduler_cfg.total_steps
+        if total is None:
+            try:
+                total = int(self.trainer.estimated_stepping_batches)
+            except Exception:  # no trainer (unit use) or an infinite loader
+                total = 1
+            if total <= 0 or total > 10**12:
+                total = 1
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.scheduler_cfg, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.backbone_eval_mode:
+            self.backbone.eval()
+        return self
+
+    # ----------------------------------------------------------------- evaluation
+    def _eval_sets(self, stage: str):
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "eval_sets"):
+            raise RuntimeError("evaluation needs a data module with evaluation sets (cirlab.data.CIRDataModule)")
+        return dm.eval_sets(stage)
+
+    def _eval_start(self) -> None:
+        self._galleries: dict[int, GalleryIndex] = {}
+        self._queries: dict[int, QueryLog] = {}
+
+    def _eval_step(self, batch: dict[str, Any], dataloader_idx: int, stage: str) -> None:
+        sets = self._eval_sets(stage)
+        set_i, part = divmod(dataloader_idx, 2)
+        es = sets[set_i]
+        if part == 0:  # gallery batches come first (loaders run in order)
+            cached = self._gallery_cache.get(str(es.root))
+            if cached is not None:
+                self._galleries[set_i] = cached
+                return
+            gal = self._galleries.setdefault(set_i, GalleryIndex())
+            with torch.no_grad():
+                gal.add(list(batch["id"]), self.gallery_features(batch["image"]))
+            return
+        gal = self._galleries.get(set_i)
+        if gal is None:
+            raise RuntimeError(f"queries of {es.root} arrived before its gallery")
+        ref = gal.lookup(list(batch["ref_id"])).to(self.device)
+        with torch.no_grad():
+            feats = self.query_features(ref, list(batch["texts"]), es.protocol)
+        self._queries.setdefault(set_i, QueryLog()).add(batch, feats)
+
+    def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
+        if self.trainer.sanity_checking:
+            return {}
+        sets = self._eval_sets(stage)
+        results: dict[str, dict[str, float]] = {}
+        protocols: dict[str, Protocol] = {}
+        image_frozen = not any(p.requires_grad for p in self._image_parameters())
+        for i, es in enumerate(sets):
+            name = es.protocol.name if es.protocol.name not in results else f"{es.protocol.name}-{i}"
+            gal, qs = self._galleries.get(i), self._queries.get(i)
+            if gal is None or qs is None:
+                continue
+            if image_frozen:  # a frozen image tower gives the same gallery every time: encode once
+                self._gallery_cache[str(es.root)] = gal
+            metrics, ranked = score_queries(es.protocol, gal, qs, self.eval_cfg.top_k,
+                                            self.eval_cfg.query_chunk, self.eval_cfg.gallery_chunk)
+            if not es.protocol.has_targets or stage == "test":
+                out_dir = self.eval_cfg.submission_dir or Path(self.trainer.log_dir or ".") / "submissions"
+                for p in write_submission(es.protocol, gal, qs, ranked, out_dir):
+                    log.info("wrote test-server file %s", p)
+            self.last_rankings[name] = {"query_ids": qs.qids, "ref_ids": qs.ref_ids, "texts": qs.texts,
+                                        "gt_ids": [g_ or [t] for g_, t in zip(qs.gt_ids, qs.target_ids)],
+                                        "ranked": [r[:10] for r in ranked]}
+            if metrics:
+                metrics["score"] = protocol_score(es.protocol, metrics)
+                results[name] = metrics
+                protocols[name] = es.protocol
+        for group, avg in group_average(results, protocols).items():
+            results[group] = avg
+        grouped = {p.group for p in protocols.values() if p.group}
+        top = [m["score"] for n, m in results.items() if "score" in m and protocols.get(n, Protocol(n)).group is None]
+        flat = {f"{stage}/{n}/{k}": v for n, m in results.items() for k, v in m.items()}
+        if top:
+            flat[f"{stage}/score"] = sum(top) / len(top)
+        if flat:
+            self.log_dict(flat, sync_dist=False, rank_zero_only=False)
+        self.last_results = results
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            save_results(results, Path(self.trainer.log_dir) / f"{stage}_results.json")
+        del grouped
+        return results
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ----------------------------------------------------------------- export
+    def on_fit_end(self) -> None:
+        ckpt_cb = getattr(self.trainer, "checkpoint_callback", None)
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        if best and Path(best).is_file():
+            # Export the selected model (the benchmark's best score), not the last epoch.
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            self.load_state_dict(state)
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.export(Path(self.trainer.log_dir) / "export")
+
+    def export(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write the backbone (open_clip state dict) and the method's modules as safetensors."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = {}
+        mods = {"backbone": self.backbone.model, **self.export_modules()}
+        for name, mod in mods.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in mod.state_dict().items()}
+            path = out / f"{name}.safetensors"
+            save_file(state, str(path))
+            written[name] = path
+        return written
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)

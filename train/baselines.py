@@ -1,0 +1,36 @@
+"""Zero-training baselines every composed-retrieval paper reports: image-only, text-only, summed."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from cirlab.data.evalset import Protocol
+from cirlab.train.base import BaseTask
+from cirlab.train.config import BackboneConfig, EvalConfig
+
+MODES = ("image", "text", "sum")
+
+
+class BaselineTask(BaseTask):
+    """Query = the reference image's feature, the text's feature, or their normalised sum. No training."""
+
+    def __init__(self, mode: str = "sum", backbone: Optional[BackboneConfig] = None,
+                 evaluation: Optional[EvalConfig] = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"baseline mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        super().__init__(backbone, None, None, evaluation)
+
+    def query_features(self, ref_features: torch.Tensor, texts: list[list[str]], protocol: Protocol) -> torch.Tensor:
+        if self.mode == "image":
+            return ref_features
+        tok = self.backbone.tokenize(self.query_texts(texts, protocol)).to(self.device)
+        txt = self.backbone.encode_text(tok)
+        if self.mode == "text":
+            return txt
+        return self.normalize(self.normalize(ref_features) + self.normalize(txt))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        raise RuntimeError("BaselineTask has nothing to train: use `cirlab test` or `cirlab evaluate`")

@@ -1,0 +1,111 @@
+"""The `cirlab` command: LightningCLI's fit/validate/test plus cirlab's own subcommands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+HELP = """usage: cirlab <command> [options]
+
+Training (LightningCLI; recipes are YAML with class_path/init_args):
+  fit        train a recipe:            cirlab fit -c recipes/quickstart/combiner.yaml
+  validate   run the validation sets:   cirlab validate -c RECIPE --ckpt_path CKPT
+  test       run the test sets:         cirlab test -c RECIPE --ckpt_path CKPT
+  predict    (LightningCLI's own)
+
+cirlab commands:
+  data       write shards: convert (JSONL/CSV + images), synthetic, fashioniq, cirr, circo, mask
+  evaluate   evaluate a trained checkpoint on evaluation sets, print and save the metrics
+  retrieve   top-k gallery images for a query image + text with a trained checkpoint (HTML page)
+  import     turn a reference repository's released checkpoint into cirlab safetensors
+  demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
+
+`cirlab <command> --help` describes each command's options.
+"""
+
+
+class CirlabCLI(LightningCLI):
+    """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.default_root_dir": "runs"})
+
+
+def run_lightning(args: Optional[list[str]]) -> int:
+    """LightningCLI over `args` (None: read sys.argv, as a console script)."""
+    saved = sys.argv
+    if args is not None:
+        sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments
+    try:
+        _cli(args)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _cli(args: Optional[list[str]]) -> None:
+    from lightning.pytorch import LightningDataModule
+
+    from cirlab.train.base import BaseTask
+
+    CirlabCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
+              save_config_kwargs={"overwrite": True})
+
+
+def _data(argv: list[str]) -> int:
+    from cirlab.data.commands import cli
+
+    return cli(argv)
+
+
+def _evaluate(argv: list[str]) -> int:
+    from cirlab.train.commands import evaluate_cli
+
+    return evaluate_cli(argv)
+
+
+def _retrieve(argv: list[str]) -> int:
+    from cirlab.train.retrieve import retrieve_cli
+
+    return retrieve_cli(argv)
+
+
+def _import(argv: list[str]) -> int:
+    from cirlab.train.commands import import_cli
+
+    return import_cli(argv)
+
+
+def _demo(argv: list[str]) -> int:
+    from cirlab.train.demo import demo_cli
+
+    return demo_cli(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "data": _data, "evaluate": _evaluate, "retrieve": _retrieve, "import": _import, "demo": _demo,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # wandb never phones home unless the user asks for it
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    if argv[0] not in ("fit", "validate", "test", "predict"):
+        print(f"cirlab: unknown command {argv[0]!r}\n", file=sys.stderr)
+        print(HELP, file=sys.stderr)
+        return 2
+    from_sys_argv = argv == sys.argv[1:]
+    return run_lightning(None if from_sys_argv else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

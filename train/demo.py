@@ -1,0 +1,202 @@
+"""`cirlab demo` / `make demo`: the whole quickstart on the synthetic world, one table at the end.
+
+Steps: write the synthetic world -> pre-train a tiny CLIP on its captions (recipes/quickstart/clip.yaml)
+-> CLIP4Cir stage 1 (combiner-stage1.yaml) -> stage 2 (combiner.yaml) -> LinCIR (lincir.yaml) ->
+evaluate everything and the zero-training baselines on the held-out test split -> print the table
+and write a report page with a few queries and their top results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes" / "quickstart"
+COLUMNS = ("R@1", "R@5", "R@10", "mAP@5", "mAP@10")
+
+# (world scenes, eval queries, clip epochs, stage-1 epochs, stage-2 epochs, lincir epochs)
+SCALES = {
+    "full": dict(scenes=4000, queries=400, clip_epochs=12, s1_epochs=3, s2_epochs=20, lincir_epochs=6),
+    "fast": dict(scenes=300, queries=60, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1),
+}
+
+
+def _fit(recipe: Path, out: Path, name: str, overrides: list[str]) -> Path:
+    """Run `cirlab fit -c recipe` with the demo's paths; return the run's export folder."""
+    from cirlab.train.cli import run_lightning
+
+    run_dir = out / "runs" / name
+    args = ["fit", "-c", str(recipe), f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger.init_args.save_dir={out / 'runs'}", f"--trainer.logger.init_args.name={name}",
+            *overrides]
+    run_lightning(args)
+    export = run_dir / "export"
+    if not export.is_dir():
+        raise RuntimeError(f"{recipe.name} finished without writing {export}")
+    return export
+
+
+def _test(task: Any, test_set: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    import lightning as L
+
+    from cirlab.data.retrieval import RetrievalDataModule
+
+    dm = RetrievalDataModule(test_sets=[str(test_set)], eval_batch_size=256, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(task, datamodule=dm, verbose=False)
+    return task.last_results["synthetic"], task.last_rankings["synthetic"]
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    module.load_state_dict(load_file(str(path)))
+
+
+def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path, test_set: Path
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Every row of the demo table, evaluated on the same test split."""
+    from cirlab.train.baselines import BaselineTask
+    from cirlab.train.combiner_task import CombinerTask
+    from cirlab.train.config import BackboneConfig
+    from cirlab.train.lincir_task import LinCIRTask
+
+    tiny = "cirlab-tiny"
+    rows: dict[str, dict[str, float]] = {}
+    ranks: dict[str, dict[str, Any]] = {}
+    for mode, label in (("image", "image only (no training)"), ("text", "text only (no training)"),
+                        ("sum", "image + text (no training)")):
+        task = BaselineTask(mode, backbone=BackboneConfig(tiny, str(clip / "backbone.safetensors")))
+        rows[label], ranks[label] = _test(task, test_set)
+    s1 = CombinerTask(stage=1, backbone=BackboneConfig(tiny, str(stage1 / "backbone.safetensors"),
+                                                       image_transform="targetpad"))
+    rows["CLIP4Cir stage 1 (fine-tuned sum)"], ranks["stage1"] = _test(s1, test_set)
+    s2 = CombinerTask(stage=2, backbone=BackboneConfig(tiny, str(stage2 / "backbone.safetensors"),
+                                                       image_transform="targetpad"))
+    _load_module(s2.combiner, stage2 / "combiner.safetensors")
+    rows["CLIP4Cir Combiner (stage 2)"], ranks["Combiner"] = _test(s2, test_set)
+    lc = LinCIRTask(image_tower=True, backbone=BackboneConfig(tiny, str(clip / "backbone.safetensors")))
+    _load_module(lc.phi, lincir / "phi.safetensors")
+    rows["LinCIR (text-only training)"], ranks["LinCIR"] = _test(lc, test_set)
+    return rows, ranks
+
+
+def print_table(rows: dict[str, dict[str, float]], title: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("method")
+    for c in COLUMNS:
+        table.add_column(c, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS))
+    console = Console(width=110)
+    console.print(table)
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS) + " |"
+              for n, m in rows.items()]
+    return "\n".join(lines)
+
+
+def _gallery_images(test_set: Path) -> dict[str, bytes]:
+    from cirlab.data.streaming import ShardStream
+
+    out = {}
+    stream = ShardStream(test_set / "gallery", "image", resampled=False, shuffle=False, shuffle_buffer=0,
+                         batch_size=None, rank=0, world_size=1, equal_steps=False)
+    import io
+
+    for s in stream:
+        buf = io.BytesIO()
+        s["image"].save(buf, format="PNG")
+        out[s["id"]] = buf.getvalue()
+    return out
+
+
+def write_report(path: Path, rows: dict[str, dict[str, float]], ranking: dict[str, Any], test_set: Path,
+                 n_queries: int = 8, top: int = 5) -> Path:
+    """An HTML page: the table, then a few queries with the Combiner's top results (green = correct)."""
+    images = _gallery_images(test_set)
+
+    def img(i: str, ok: Optional[bool] = None) -> str:
+        border = "" if ok is None else ("border:3px solid #2a2" if ok else "border:3px solid #ccc")
+        data = base64.b64encode(images[i]).decode()
+        return f'<img src="data:image/png;base64,{data}" width="96" height="96" style="{border}" title="{html.escape(i)}">'
+
+    parts = ["<html><head><meta charset='utf-8'><title>cirlab demo</title></head><body style='font-family:sans-serif'>",
+             "<h1>cirlab quickstart: composed retrieval on the synthetic world (held-out test split)</h1>",
+             "<table border=1 cellpadding=4><tr><th>method</th>" + "".join(f"<th>{c}</th>" for c in COLUMNS) + "</tr>"]
+    for n, m in rows.items():
+        parts.append(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{m.get(c, float('nan')):.1f}</td>" for c in COLUMNS) + "</tr>")
+    parts.append("</table><h2>Combiner: queries and top results</h2>")
+    for i in range(min(n_queries, len(ranking["query_ids"]))):
+        gts = set(ranking["gt_ids"][i])
+        res = "".join(img(r, r in gts) for r in ranking["ranked"][i][:top])
+        parts.append(f"<p><b>{html.escape(ranking['texts'][i][0])}</b><br>reference {img(ranking['ref_ids'][i])}"
+                     f" &rarr; {res}</p>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
+
+
+def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -> dict[str, dict[str, float]]:
+    from cirlab.data.synthetic import build_world
+
+    cfg = SCALES[scale]
+    out = Path(out)
+    t0 = time.perf_counter()
+    print(f"[1/6] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
+    world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
+    w = world.root
+    common = ["--seed_everything", str(seed)]
+    print("[2/6] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
+    clip = _fit(RECIPES / "clip.yaml", out, "clip", common + [
+        f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
+        f"--trainer.max_epochs={cfg['clip_epochs']}"])
+    print("[3/6] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
+    stage1 = _fit(RECIPES / "combiner-stage1.yaml", out, "combiner-stage1", common + [
+        f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
+        f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
+        f"--trainer.max_epochs={cfg['s1_epochs']}"])
+    print("[4/6] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
+    stage2 = _fit(RECIPES / "combiner.yaml", out, "combiner", common + [
+        f"--model.init_args.backbone.pretrained={stage1 / 'backbone.safetensors'}",
+        f"--model.init_args.cache_dir={out / 'feature_cache'}",
+        f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
+        f"--trainer.max_epochs={cfg['s2_epochs']}"])
+    print("[5/6] LinCIR: training phi from captions alone (lincir.yaml)")
+    lincir = _fit(RECIPES / "lincir.yaml", out, "lincir", common + [
+        f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
+        f"--model.init_args.cache_dir={out / 'feature_cache'}",
+        f"--data.init_args.train={w / 'texts'}", f"--trainer.max_epochs={cfg['lincir_epochs']}"])
+    print("[6/6] evaluating every model and the baselines on the held-out test split")
+    test_set = w / "eval" / "test"
+    rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set)
+    minutes = (time.perf_counter() - t0) / 60
+    md = print_table(rows, f"synthetic world, test split ({world.counts.get('eval/test/queries', '?')} queries), "
+                           f"{minutes:.1f} min")
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results.md").write_text(md + "\n")
+    report = write_report(out / "report.html", rows, ranks["Combiner"], test_set)
+    print(f"report page: {report}   results: {out / 'results.json'}")
+    return rows
+
+
+def demo_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cirlab demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full",
+                   help="full (the real demo, ~10 min on 2 cores) or fast (a smoke run for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    run_demo(a.out, a.scale, a.seed)
+    return 0
