@@ -37,6 +37,12 @@ def _cpu_name() -> str:
     return platform.machine()
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process: less sensitive than wall time to other jobs on the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _make_data(path: Path, n: int, q: int, dim: int, seed: int) -> None:
     """Random L2-normalised float32 gallery and queries, written as .npy files (normalised in place)."""
     import torch
@@ -66,7 +72,7 @@ def _child(method: str, data: Path, out: Path, k: int, threads: int, qc: int, gc
     queries = np.load(data / "queries.npy")
     gallery = np.load(data / "gallery.npy")
     baseline = _maxrss_bytes()
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     if method == "faiss":
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(gallery)
@@ -74,11 +80,11 @@ def _child(method: str, data: Path, out: Path, k: int, threads: int, qc: int, gc
     else:
         s, i = rank(torch.from_numpy(queries), torch.from_numpy(gallery), k, query_chunk=qc, gallery_chunk=gc)
         scores, indices = s.numpy(), i.numpy()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     extra = _maxrss_bytes() - baseline
     np.save(out / f"{method}_scores.npy", scores)
     np.save(out / f"{method}_indices.npy", indices.astype(np.int64))
-    print(json.dumps({"method": method, "seconds": seconds, "extra_bytes": extra,
+    print(json.dumps({"method": method, "seconds": seconds, "cpu_seconds": cpu, "extra_bytes": extra,
                       "baseline_bytes": baseline, "gallery_bytes": gallery.nbytes}))
 
 
@@ -127,6 +133,7 @@ def main() -> None:
     if args.child:
         _child(args.child, args.data, args.data, args.k, args.threads, args.query_chunk, args.gallery_chunk)
         return
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="rank_bench_") as tmp:
         data = Path(tmp)
         _make_data(data, args.n, args.q, args.dim, args.seed)
@@ -136,6 +143,7 @@ def main() -> None:
                 runs[method].append(_run_child(method, args, data))
         check = _check_results(data)
     best = {m: min(r["seconds"] for r in rs) for m, rs in runs.items()}
+    best_cpu = {m: min(r["cpu_seconds"] for r in rs) for m, rs in runs.items()}
     extra = {m: max(r["extra_bytes"] for r in rs) for m, rs in runs.items()}
     gallery_bytes = runs["ours"][0]["gallery_bytes"]
     import faiss
@@ -147,8 +155,11 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "faiss": faiss.__version__, "python": platform.python_version()},
         "cpu": _cpu_name(), "cores": os.cpu_count(),
         "seconds": {m: [round(r["seconds"], 3) for r in rs] for m, rs in runs.items()},
+        "cpu_seconds": {m: [round(r["cpu_seconds"], 3) for r in rs] for m, rs in runs.items()},
         "best_seconds": {m: round(s, 3) for m, s in best.items()},
         "time_ratio_ours_over_faiss": round(best["ours"] / best["faiss"], 3),
+        "cpu_time_ratio_ours_over_faiss": round(best_cpu["ours"] / best_cpu["faiss"], 3),
+        "load_average_before": load_before,
         "peak_extra_bytes": extra,
         "gallery_bytes": gallery_bytes,
         "peak_extra_over_gallery": {m: round(e / gallery_bytes, 3) for m, e in extra.items()},

@@ -81,6 +81,24 @@ def time_shards(folder: Path, total: int, transform, workers: int, batch: int) -
     return n / (time.perf_counter() - t0)
 
 
+def cpu_ms_per_image(paths: list[Path], folder: Path, transform, batch: int) -> tuple[float, float]:
+    """CPU time per image in this process (no workers): robust to other load on the machine."""
+    from torch.utils.data import default_collate
+
+    ds = FileImages(paths, transform)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+    t0 = time.process_time()
+    for k in range(0, len(order), batch):
+        default_collate([ds[i] for i in order[k:k + batch]])
+    files = time.process_time() - t0
+    stream = make_dataset(folder, "image", transform=transform, resampled=False, shuffle_buffer=500,
+                          batch_size=batch, equal_steps=False)
+    t0 = time.process_time()
+    n = sum(len(b["id"]) for b in StreamLoader(stream))
+    shards = time.process_time() - t0
+    return files / len(paths) * 1e3, shards / n * 1e3
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=3000, help="images")
@@ -107,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"ratio {shards[-1] / files[-1]:.2f}x")
         f, s = statistics.median(files), statistics.median(shards)
         print(f"median: files {f:.0f} img/s, shards {s:.0f} img/s, shards/files = {s / f:.2f}x")
+        sub = paths[: min(len(paths), 1000)]
+        write_shards(({"id": p.stem, "image": p} for p in sub), Path(tmp) / "cpu", "image", maxcount=args.shard_size)
+        cf, cs = cpu_ms_per_image(sub, Path(tmp) / "cpu", transform, args.batch)
+        print(f"CPU per image, one process, {len(sub)} images: files {cf:.2f} ms, shards {cs:.2f} ms "
+              f"(files/shards = {cf / cs:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class _Converter:
             s["id"] = str(row.get("id", no))
         elif kind == "triplet":
             texts = row.get("texts")
+            if texts is None and isinstance(row.get("text"), list):  # "text": [...] works too
+                texts = row["text"]
             if isinstance(texts, str):
                 texts = [texts]
             if not texts:

@@ -119,7 +119,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, 
                     sink.close()
                 shard_no += 1
                 name = f"{prefix}-{shard_no:06d}.tar"
-                sink = wds.TarWriter(str(out / name))
+                sink = wds.TarWriter(str(out / name), mtime=0)  # reproducible: no wall-clock stamps
                 names.append(name)
                 counts.append(0)
                 in_shard = 0

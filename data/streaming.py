@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import braceexpand
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
@@ -86,11 +86,13 @@ def decode_image(data: bytes) -> Image.Image:
         raise DecodeError("image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 
 
-def decode_sample(raw: dict[str, Any], kind: str, transform: Callable | None = None) -> dict[str, Any]:
+def decode_sample(raw: dict[str, Any], kind: str, transform: Callable | None = None,
+                  decode_images: bool = True) -> dict[str, Any]:
     """Raw tar members of one sample -> the sample dict with the field names of its kind.
 
     json fields are merged in, images become RGB PIL images (or ``transform(image)``, the same
     transform for ref and tgt), text members become str. Raises DecodeError on bad data.
+    With decode_images=False the image fields are left out (tasks that read cached features).
     """
     check_kind(kind)
     if "json" not in raw:
@@ -113,7 +115,7 @@ def decode_sample(raw: dict[str, Any], kind: str, transform: Callable | None = N
             out[name] = data.decode("utf-8")
         except UnicodeDecodeError as exn:
             raise DecodeError("text", f"{ext} member is not UTF-8 ({exn})") from exn
-    for name, ext in IMAGE_FIELDS[kind].items():
+    for name, ext in IMAGE_FIELDS[kind].items() if decode_images else ():
         data = _image_member(raw, ext)
         if data is None:
             raise DecodeError("missing", f"no {ext} member")
@@ -131,7 +133,7 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for k in keys:
         values = [s.get(k) for s in samples]
         if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
-            batch[k] = torch.stack(values)
+            batch[k] = default_collate(values)  # in a worker it stacks straight into shared memory
         else:
             batch[k] = values
     return batch
@@ -268,8 +270,10 @@ class ShardStream(IterableDataset):
                  resampled: bool = True, shuffle: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
                  batch_size: int | None = None, steps_per_epoch: int | None = None,
                  equal_steps: bool | None = None, weights: Sequence[float] | None = None,
-                 rank: int | None = None, world_size: int | None = None, partial: bool = True) -> None:
+                 rank: int | None = None, world_size: int | None = None, partial: bool = True,
+                 decode_images: bool = True) -> None:
         self.kind = check_kind(kind)
+        self.decode_images = decode_images
         if weights is not None:
             if isinstance(source, (str, os.PathLike)) or len(source) != len(weights):
                 raise ValueError("weights need one source per weight: give a list of sources as long as weights")
@@ -528,7 +532,7 @@ class ShardStream(IterableDataset):
             if consumed <= raw_done:  # already used before the restart: skip without decoding
                 continue
             try:
-                sample = decode_sample(raw, self.kind, self.transform)
+                sample = decode_sample(raw, self.kind, self.transform, self.decode_images)
             except DecodeError as exn:
                 self.stats.add(row, exn.reason)
                 self._warn(exn.reason, f"sample {raw['__key__']} of {raw['__url__']}", str(exn))

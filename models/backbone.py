@@ -25,7 +25,6 @@ from torch import nn
 
 from cirlab.models.transforms import build_transform
 
-log = logging.getLogger(__name__)
 
 #: BPE ids of the placeholder words in open_clip's CLIP tokenizer ("$</w>" and "*</w>"). Keep spaces
 #: around them in prompts: "$." or "*," are single, different BPE tokens.
@@ -112,6 +111,17 @@ def _load_state_dict_like_open_clip(model: nn.Module, state_dict: dict[str, torc
     resize_pos_embed(state_dict, model)
     resize_text_pos_embed(state_dict, model)
     model.load_state_dict(state_dict, strict=True)
+
+
+class _quiet_random_init:
+    """Silence open_clip's random-init warning while the weights are about to come from a file."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
 
 
 def load_checkpoint_file(model: nn.Module, path: str, model_name: str = "") -> None:
@@ -207,14 +217,18 @@ class Backbone(nn.Module):
             raise ValueError(f"pretrained must be None, a file path or an open_clip tag, got {pretrained!r}")
         pretrained = os.fspath(pretrained)
         if _looks_like_path(pretrained):
+            if os.path.isdir(pretrained):
+                raise FileNotFoundError(f"pretrained {pretrained!r} is a directory; pass the checkpoint file inside it")
             if not os.path.isfile(pretrained):
                 raise FileNotFoundError(f"pretrained checkpoint file not found: {pretrained!r} "
                                         "(pass an existing file, an open_clip tag, or None for random init)")
-            model = open_clip.create_model(name, pretrained=None, **random_init)
+            with _quiet_random_init():  # open_clip warns "initialized randomly": the file follows
+                model = open_clip.create_model(name, pretrained=None, **random_init)
             load_checkpoint_file(model, pretrained, name)
             return model
         tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained.lower() not in [t.lower() for t in tags]:
+        clean = lambda tag: tag.lower().replace("-", "_")  # noqa: E731 -- open_clip's own tag normalisation
+        if clean(pretrained) not in [clean(t) for t in tags]:
             known = f"its tags: {tags}" if tags else "it has no open_clip pretrained tags"
             raise ValueError(f"unknown pretrained tag {pretrained!r} for model {name!r}; {known}. "
                              "Or pass a local checkpoint file, or None for random init.")

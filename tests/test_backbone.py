@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import open_clip
 from cirlab.models.backbone import DOLLAR_TOKEN_ID, STAR_TOKEN_ID, Backbone
 
 TINY = "cirlab-tiny"
@@ -312,8 +311,8 @@ def test_lora_trainable_init_and_step():
     assert any(n.startswith("visual.") for n in trainable) and any(n.startswith("transformer.") for n in trainable)
     new_img, new_txt = _outputs(b, img, tok)
     # equal up to float rounding: the wrapped attention skips torch's fused inference path
-    torch.testing.assert_close(new_img, ref_img, atol=1e-6, rtol=0)
-    torch.testing.assert_close(new_txt, ref_txt, atol=1e-6, rtol=0)
+    torch.testing.assert_close(new_img, ref_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(new_txt, ref_txt, atol=1e-5, rtol=0)
 
     opt = torch.optim.SGD([p for p in b.model.parameters() if p.requires_grad], lr=0.5)
     loss = b.encode_image(img).pow(2).sum() + b.encode_text(tok).pow(2).sum()

@@ -91,6 +91,12 @@ def test_half_inputs_are_ranked_in_float32():
     assert torch.equal(i, bi)
 
 
+def test_no_queries_gives_empty_result():
+    _, gal = _data()
+    s, i = rank(torch.empty(0, 8), gal, 3)
+    assert s.shape == i.shape == (0, 3)
+
+
 def test_bad_inputs():
     q, gal = _data()
     with pytest.raises(ValueError, match="query features have dim 8 but gallery features have dim 6"):

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,7 @@ def test_missing_shard_fails_naming_it(tmp_path):
     _write(tmp_path / "d", [3])
     with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
         make_dataset([str(tmp_path / "d" / "shard-000000.tar"), str(tmp_path / "d" / "shard-000009.tar")], "pair")
-    with pytest.raises(FileNotFoundError, match="shard-00000{0..3}|shard-000001.tar"):
+    with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
         make_dataset(str(tmp_path / "d" / "shard-00000{0..1}.tar"), "pair")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         make_dataset(tmp_path / "nowhere", "pair")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 import tarfile
@@ -122,9 +121,6 @@ def test_same_seed_same_shards_other_seed_differs(world, tmp_path):
     assert (again.root / "world.json").read_bytes() == (world.root / "world.json").read_bytes()
 
 
-@pytest.mark.xfail(reason="data/shards.write_shards lets webdataset stamp the current time into every "
-                          "tar header; passing mtime=0 to wds.TarWriter makes the files byte-identical",
-                   strict=False)
 def test_same_seed_byte_identical_tar_files(tmp_path):
     a = S.build_world(tmp_path / "a", seed=5, n_train_scenes=10, n_eval_queries=5)
     b = S.build_world(tmp_path / "b", seed=5, n_train_scenes=10, n_eval_queries=5)

@@ -102,8 +102,7 @@ class BaseTask(L.LightningModule):
         return {}
 
     def _image_parameters(self) -> list[nn.Parameter]:
-        visual = getattr(self.backbone.model, "visual", None)
-        return list(visual.parameters()) if visual is not None else []
+        return self.backbone.image_parameters()
 
     def trainable_backbone(self) -> bool:
         return any(p.requires_grad for p in self.backbone.parameters())
@@ -249,9 +248,11 @@ class BaseTask(L.LightningModule):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {}
-        mods = {"backbone": self.backbone.model, **self.export_modules()}
-        for name, mod in mods.items():
-            state = {k: v.detach().cpu().contiguous() for k, v in mod.state_dict().items()}
+        # the backbone in open_clip's own key names (LoRA folded in) so pretrained=<file> loads it
+        states = {"backbone": self.backbone.merged_state_dict(),
+                  **{n: m.state_dict() for n, m in self.export_modules().items()}}
+        for name, sd in states.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             path = out / f"{name}.safetensors"
             save_file(state, str(path))
             written[name] = path

@@ -60,7 +60,7 @@ def convert_circo(root: str | os.PathLike, out_dir: str | os.PathLike, splits: S
     if bad:
         raise ValueError(f"unknown CIRCO splits {bad}; expected some of {', '.join(SPLITS)}")
     report = ConversionReport("circo", out)
-    annotations = {}
+    by_split = {}
     for split in splits:
         f = root / "annotations" / f"{split}.json"
         rows = load_json(f, f"CIRCO {split} annotations")
@@ -71,14 +71,14 @@ def convert_circo(root: str | os.PathLike, out_dir: str | os.PathLike, splits: S
         for i, r in enumerate(rows):
             if not isinstance(r, dict) or any(k not in r for k in need):
                 raise ValueError(f"{f}: entry {i} lacks one of {need}: {str(r)[:120]}")
-        annotations[split] = rows
+        by_split[split] = rows
 
     files = _gallery_files(root, report)
     gallery = write_shards(({"id": i, "image": image_bytes(p, "jpeg")} for i, p in files.items()),
                            out / "gallery", "image", maxcount=maxcount)
     report.written["gallery"] = gallery.total
 
-    for split, rows in annotations.items():
+    for split, rows in by_split.items():
         has_targets = split != "test"
 
         def queries() -> Iterator[dict[str, Any]]:
