@@ -61,6 +61,8 @@ def test_recall_target_absent_and_errors():
     ranked = [["a", "b", "c"], ["d", "e", "f"]]
     # query 0 target c at 3; query 1 target z absent from its ranking
     assert recall_at_k(ranked, ["c", "z"], [1, 3]) == {1: 0.0, 3: pytest.approx(50.0)}
+    # a target may be a collection of acceptable ids: query 1 now hits "e" at 2
+    assert recall_at_k(ranked, ["c", {"z", "e"}], [1, 2]) == {1: 0.0, 2: pytest.approx(50.0)}
     with pytest.raises(ValueError, match="ranked_ids is empty"):
         recall_at_k([], [], [1])
     with pytest.raises(ValueError, match="ranked_ids has 2 queries but target_ids has 1"):

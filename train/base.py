@@ -138,6 +138,11 @@ class BaseTask(L.LightningModule):
             self.backbone.eval()
         return self
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores saved per-module modes after validation (bypassing train()): re-assert
+        if self.backbone_eval_mode and self.backbone.training:
+            self.backbone.eval()
+
     # ----------------------------------------------------------------- evaluation
     def _eval_sets(self, stage: str):
         dm = getattr(self.trainer, "datamodule", None)

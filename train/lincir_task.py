@@ -110,14 +110,17 @@ class LinCIRTask(BaseTask):
             self._text_cache.save()
 
     # ------------------------------------------------------------------ training
+    def add_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """x = z + s*eps, s ~ U(0,1) per sample, eps ~ N(0, I): phi learns to map noisy features."""
+        if not self.noise:
+            return z
+        s = torch.rand(z.shape[0], 1, device=z.device, dtype=z.dtype)
+        return z + s * torch.randn_like(z)
+
     def smp_loss(self, captions: list[str], masked: list[str]) -> torch.Tensor:
         """The self-masking projection loss for a batch of captions and their masked forms."""
         z = self.caption_features(captions)
-        x = z
-        if self.noise:
-            s = torch.rand(z.shape[0], 1, device=z.device, dtype=z.dtype)
-            x = z + s * torch.randn_like(z)
-        p = self.phi(x)
+        p = self.phi(self.add_noise(z))
         tokens = self.backbone.tokenize(masked).to(self.device)
         z_hat = self.backbone.encode_text_with_pseudo_tokens(tokens, p, DOLLAR_TOKEN_ID, first_only=False)
         return F.mse_loss(z_hat.float(), z.float())

@@ -1,0 +1,128 @@
+"""LinCIR task: no image tower in training, noise statistics, gradients only into phi, the prompt."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cirlab.data.evalset import Protocol
+from cirlab.data.retrieval import RetrievalDataModule
+from cirlab.models import DOLLAR_TOKEN_ID
+from cirlab.train.config import BackboneConfig, OptimizerConfig
+from cirlab.train.lincir_task import LinCIRTask, MaskingConfig
+
+CAPS = ["a large red circle at the top left", "a small blue square at the center and a large green diamond at the top right"]
+
+
+def _task(**kw):
+    return LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"),
+                      cache_text_features=False, **kw)
+
+
+def test_image_tower_is_not_loaded_for_training():
+    t = _task()
+    assert t.backbone.image_parameters() == []
+    with pytest.raises(Exception):
+        t.backbone.encode_image(torch.zeros(1, 3, 64, 64))
+
+
+def test_noise_statistics():
+    t = _task()
+    torch.manual_seed(0)
+    z = torch.randn(20000, 64)
+    x = t.add_noise(z)
+    # per sample: x - z = s * eps, eps ~ N(0, I): the per-sample std estimates s ~ U(0, 1)
+    s = (x - z).std(dim=1)
+    assert 0.48 < s.mean().item() < 0.52
+    assert abs(s.var().item() - 1 / 12) < 0.01
+    assert s.min().item() >= 0 and s.max().item() < 1.25
+    # a quarter of the samples below 0.25, half below 0.5 (uniform, not fixed)
+    assert abs((s < 0.25).float().mean().item() - 0.25) < 0.02
+    assert abs((s < 0.5).float().mean().item() - 0.5) < 0.02
+    assert torch.equal(_task(noise=False).add_noise(z), z)
+
+
+def test_step_changes_only_phi_and_loss_is_mse_to_caption_features():
+    t = _task(optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
+    t.train()
+    before = {k: v.clone() for k, v in t.backbone.state_dict().items()}
+    masked = [t.masker().mask(c) for c in CAPS]
+    assert all("$" in m for m in masked)
+    loss = t.smp_loss(CAPS, masked)
+    loss.backward()
+    grads = [p.grad for p in t.phi.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in t.backbone.parameters())
+    opt = t.configure_optimizers()["optimizer"]
+    opt.step()
+    after = t.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the loss equals MSE(z_hat, z) computed independently (no noise, eval-mode phi)
+    t2 = _task(noise=False)
+    t2.eval()
+    with torch.no_grad():
+        z = t2.backbone.encode_text(t2.backbone.tokenize(CAPS))
+        p = t2.phi(z)
+        z_hat = t2.backbone.encode_text_with_pseudo_tokens(t2.backbone.tokenize(masked), p, DOLLAR_TOKEN_ID)
+        assert torch.allclose(t2.smp_loss(CAPS, masked), F.mse_loss(z_hat, z), atol=1e-6)
+
+
+def test_every_placeholder_gets_the_pseudo_token():
+    t = _task(noise=False)
+    t.eval()
+    with torch.no_grad():
+        tok = t.backbone.tokenize(["$ at the $"])
+        assert (tok == DOLLAR_TOKEN_ID).sum() == 2
+        p = torch.randn(1, t.backbone.token_dim)
+        every = t.backbone.encode_text_with_pseudo_tokens(tok, p, DOLLAR_TOKEN_ID, first_only=False)
+        first = t.backbone.encode_text_with_pseudo_tokens(tok, p, DOLLAR_TOKEN_ID, first_only=True)
+    assert not torch.allclose(every, first)
+
+
+def test_prompt_keeps_dollar_a_separate_token():
+    t = _task()
+    prompt = t.prompt.format("make the circle green.")
+    tok = t.backbone.tokenize([prompt])[0]
+    assert (tok == DOLLAR_TOKEN_ID).sum() == 1
+    with pytest.raises(ValueError, match="placeholder"):
+        _task(prompt="a photo of {}")
+
+
+def test_reference_optimizer_defaults():
+    o = _task().configure_optimizers()["optimizer"]
+    g = o.param_groups[0]
+    assert isinstance(o, torch.optim.AdamW) and g["lr"] == 1e-4 and g["weight_decay"] == 0.01
+
+
+def test_training_on_text_shards_never_runs_an_image_tower(small_world, tmp_path):
+    torch.manual_seed(0)
+    t = LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"),
+                   cache_dir=str(tmp_path), optimizer=OptimizerConfig("adamw", lr=1e-3))
+    losses = []
+
+    class Log(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=64,
+                             steps_per_epoch=15, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Log()], limit_val_batches=0)
+    trainer.fit(t, datamodule=dm)
+    assert t.backbone.image_parameters() == []
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert len(t._text_cache) > 0  # caption features cached (frozen tower)
+
+
+def test_zero_shot_query_fashioniq_averages_both_orders():
+    t = _task(image_tower=True)
+    t.eval()
+    ref = torch.randn(2, 64)
+    with torch.no_grad():
+        q = t.query_features(ref, [["is red", "is long"], ["a", "b"]], Protocol("fashioniq-dress", text_format="fashioniq"))
+        p = t.phi(ref)
+        a = F.normalize(t.prompt_features(p, ["is red and is long", "a and b"]), dim=-1)
+        b = F.normalize(t.prompt_features(p, ["is long and is red", "b and a"]), dim=-1)
+    assert torch.allclose(q, F.normalize(a + b, dim=-1), atol=1e-6)
