@@ -81,7 +81,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # skip a copy for RGB JPEGs
     except Exception as exn:  # PIL raises many types for broken data
         raise DecodeError("image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 

@@ -182,6 +182,7 @@ class BaseTask(L.LightningModule):
         results: dict[str, dict[str, float]] = {}
         protocols: dict[str, Protocol] = {}
         image_frozen = not any(p.requires_grad for p in self._image_parameters())
+        log_dir_all = self.trainer.log_dir
         for i, es in enumerate(sets):
             name = es.protocol.name if es.protocol.name not in results else f"{es.protocol.name}-{i}"
             gal, qs = self._galleries.get(i), self._queries.get(i)
@@ -192,7 +193,7 @@ class BaseTask(L.LightningModule):
             metrics, ranked = score_queries(es.protocol, gal, qs, self.eval_cfg.top_k,
                                             self.eval_cfg.query_chunk, self.eval_cfg.gallery_chunk)
             if not es.protocol.has_targets or stage == "test":
-                out_dir = self.eval_cfg.submission_dir or Path(self.trainer.log_dir or ".") / "submissions"
+                out_dir = self.eval_cfg.submission_dir or Path(log_dir_all or ".") / "submissions"
                 for p in write_submission(es.protocol, gal, qs, ranked, out_dir):
                     log.info("wrote test-server file %s", p)
             self.last_rankings[name] = {"query_ids": qs.qids, "ref_ids": qs.ref_ids, "texts": qs.texts,
@@ -212,8 +213,9 @@ class BaseTask(L.LightningModule):
         if flat:
             self.log_dict(flat, sync_dist=False, rank_zero_only=False)
         self.last_results = results
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            save_results(results, Path(self.trainer.log_dir) / f"{stage}_results.json")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            save_results(results, Path(log_dir) / f"{stage}_results.json")
         del grouped
         return results
 
@@ -243,8 +245,9 @@ class BaseTask(L.LightningModule):
             # Export the selected model (the benchmark's best score), not the last epoch.
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             self.load_state_dict(state)
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            self.export(Path(self.trainer.log_dir) / "export")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir:
+            self.export(Path(log_dir) / "export")
 
     def export(self, out_dir: str | Path) -> dict[str, Path]:
         """Write the backbone (open_clip state dict) and the method's modules as safetensors."""
