@@ -40,12 +40,21 @@ class RetrievalDataModule(ShardDataModule):
         self.eval_batch_size = eval_batch_size
         self.eval_num_workers = eval_num_workers
         self.decode_images = True  # a task training from cached features turns this off
-        # fail at start with the missing folder's name, not in the middle of a run
-        self._sets = {"val": [load_eval_set(p) for p in self.val_set_paths],
-                      "test": [load_eval_set(p) for p in self.test_set_paths]}
+        self._sets: dict[str, list[EvalSet]] = {}
+
+    def setup(self, stage: str) -> None:
+        # fail at the start of the run with the missing folder's name, not in the middle of it
+        if stage in ("fit", "validate"):
+            self.eval_sets("val")
+        if stage == "test":
+            self.eval_sets("test")
 
     def eval_sets(self, stage: str) -> list[EvalSet]:
-        return self._sets["test" if stage == "test" else "val"]
+        key = "test" if stage == "test" else "val"
+        if key not in self._sets:
+            paths = self.test_set_paths if key == "test" else self.val_set_paths
+            self._sets[key] = [load_eval_set(p) for p in paths]
+        return self._sets[key]
 
     # -- training
     def train_dataloader(self) -> DataLoader:
@@ -79,10 +88,10 @@ class RetrievalDataModule(ShardDataModule):
 
     def val_dataloader(self) -> Any:
         if self.val_set_paths:
-            return self._eval_loaders(self._sets["val"])
+            return self._eval_loaders(self.eval_sets("val"))
         return super().val_dataloader()
 
     def test_dataloader(self) -> Any:
         if not self.test_set_paths:
             raise ValueError("no test sets: set data.init_args.test_sets to evaluation-set folders")
-        return self._eval_loaders(self._sets["test"])
+        return self._eval_loaders(self.eval_sets("test"))

@@ -107,6 +107,60 @@ def caption(scene: Sequence[Obj], rng: random.Random | None = None) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+# Frames of the varied training captions (see ``training_caption``); "" is the bare list.
+CAPTION_FRAMES: tuple[str, ...] = ("", "a photo of ", "there is ")
+
+
+def _mention(o: Obj, rng: random.Random, det: str = "a", full: bool = False) -> str:
+    """An object named with some of its attributes: the shape always, colour adjacent to it."""
+    words = [det]
+    if full or rng.random() < 0.5:
+        words.append(o.size)
+    if full or rng.random() < 0.7:
+        words.append(o.colour)
+    words.append(o.shape)
+    if full or rng.random() < 0.5:
+        words.append(f"at the {POSITIONS[o.cell]}")
+    return " ".join(words)
+
+
+def _join(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _fact(o: Obj, scene: Sequence[Obj], rng: random.Random) -> str:
+    """One relative statement about an object, in the words edit texts use: 'the circle is green'."""
+    name = referring(o, scene, rng)
+    attrs = [o.size, f"at the {POSITIONS[o.cell]}"]
+    if name == o.shape:
+        attrs.append(o.colour)   # colour only after the bare shape: "the circle is green"
+    attr = rng.choice(attrs)
+    if rng.random() < 0.5:
+        return f"the {name} is {attr}"
+    return f"a photo of a {name} that is {attr}"
+
+
+def training_caption(scene: Sequence[Obj], rng: random.Random) -> str:
+    """A varied caption of ``scene`` for the training corpora (pairs/ and texts/).
+
+    Real caption corpora are varied, so these are too: 40% describe every object fully (in any
+    order, bare, "a photo of ..." or "there is ..."), 35% name only some objects with some of their
+    attributes, 25% are relative statements in the words edit texts use ("the circle is green",
+    "a photo of a red square that is large"). Every statement is true of the scene, and a colour
+    is only ever said of its own object's shape, so held-out combinations never appear.
+    """
+    objs = list(scene)
+    rng.shuffle(objs)
+    r = rng.random()
+    if r < 0.4:
+        return rng.choice(CAPTION_FRAMES) + _join([_mention(o, rng, full=True) for o in objs])
+    if r < 0.75:
+        some = objs[: rng.randint(1, len(objs))]
+        return rng.choice(CAPTION_FRAMES) + _join([_mention(o, rng) for o in some])
+    some = objs[: rng.randint(1, min(2, len(objs)))]
+    return " and ".join(_fact(o, scene, rng) for o in some)
+
+
 def referring(o: Obj, scene: Sequence[Obj], rng: random.Random) -> str:
     """An unambiguous name: the shape alone when it is unique in the scene (half the time), else colour+shape."""
     unique_shape = sum(x.shape == o.shape for x in scene) == 1
@@ -371,7 +425,7 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
     ids = [f"train-s{i:06d}" for i in range(n_scenes)]
     first = [_jpeg(render(s, nrng, image_size)) for s in scenes]   # rendering r0 of every scene
-    caps = [caption(s, rng) for s in scenes]
+    caps = [training_caption(s, rng) for s in scenes]
 
     pairs = ({"id": f"{sid}-r0", "image": img, "text": cap, "scene": sid}
              for sid, img, cap in zip(ids, first, caps))
@@ -422,7 +476,7 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
         # The training captions first, then captions of more scenes of the same distribution.
         for i in range(n_texts):
             scene = scenes[i] if i < n_scenes else random_scene(xrng, seen)
-            yield {"id": f"text-{i:07d}", "text": caption(scene, xrng)}
+            yield {"id": f"text-{i:07d}", "text": training_caption(scene, xrng)}
     counts["texts"] = write_shards(texts(), out / "texts", "text", max(shard_size, 10_000)).total
     return counts
 

@@ -62,6 +62,11 @@ def has_held_out(objs: set[S.Obj], held) -> bool:
     return any((o.colour, o.shape) in held for o in objs)
 
 
+def says_held_out(text: str, held) -> bool:
+    """A training text names a held-out combination: 'red triangle' or 'the triangle is red'."""
+    return any(f"{c} {s}" in text or f"the {s} is {c}" in text for c, s in held)
+
+
 # ----------------------------------------------------------------------------- structure
 def test_folders_counts_and_manifest(world):
     m = S.load_world(world.root)
@@ -132,16 +137,18 @@ def test_same_seed_byte_identical_tar_files(tmp_path):
 def test_held_out_never_in_training_data(world):
     held = set(S.HELD_OUT)
     phrases = [f"{c} {s}" for c, s in held]
-    for s in samples(world.path("pairs")):
-        assert not has_held_out(parse_caption(s["txt"]), held), s["txt"]
+    # pairs/ and texts/ hold varied captions (synthetic.training_caption); pairs_val/ full ones
+    train_texts = [s["txt"] for s in samples(world.path("pairs"))] + [s["txt"] for s in samples(world.path("texts"))]
+    for t in train_texts:
+        assert not says_held_out(t, held), t
+    assert any(" at the " in t and t.count(" a ") >= 2 for t in train_texts)   # full multi-object ones too
     for s in samples(world.path("pairs_val")):
-        assert not has_held_out(parse_caption(s["txt"]), held), s["txt"]
-    for s in samples(world.path("texts")):
         assert not has_held_out(parse_caption(s["txt"]), held), s["txt"]
     for s in samples(world.path("triplets/train")):
         assert not has_held_out(parse_caption(s["ref_caption"]) | parse_caption(s["tgt_caption"]), held)
         assert not any(p in s["texts"][0] for p in phrases), s["texts"]
-    captions = {s["scene"]: parse_caption(s["txt"]) for s in samples(world.path("pairs"))}
+    # the training scenes' full captions: the triplets' reference captions cover every scene
+    captions = {s["ref_scene"]: parse_caption(s["ref_caption"]) for s in samples(world.path("triplets/train"))}
     for s in samples(world.path("instructions")):
         assert not has_held_out(captions[s["scene"]], held)
         assert not any(p in s["instruction"] for p in phrases)
@@ -266,6 +273,7 @@ def _world_texts(n: int = 150) -> list[str]:
     for _ in range(n):
         sc = S.random_scene(rng, S.ALL_COMBOS)
         out.append(S.caption(sc, rng))
+        out.append(S.training_caption(sc, rng))
         out.append(S.random_edit(sc, rng, S.ALL_COMBOS)[2])
         out += [q for _, q, _ in S.questions(sc, rng, 5)] + [a for _, _, a in S.questions(sc, rng, 5)]
     return out

@@ -205,8 +205,9 @@ class BaseTask(L.LightningModule):
                 protocols[name] = es.protocol
         for group, avg in group_average(results, protocols).items():
             results[group] = avg
-        grouped = {p.group for p in protocols.values() if p.group}
-        top = [m["score"] for n, m in results.items() if "score" in m and protocols.get(n, Protocol(n)).group is None]
+        # the selection score: mean over benchmarks (a group such as FashionIQ counts once)
+        top = [m["score"] for n, m in results.items()
+               if "score" in m and (n not in protocols or protocols[n].group is None)]
         flat = {f"{stage}/{n}/{k}": v for n, m in results.items() for k, v in m.items()}
         if top:
             flat[f"{stage}/score"] = sum(top) / len(top)
@@ -216,7 +217,6 @@ class BaseTask(L.LightningModule):
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
             save_results(results, Path(log_dir) / f"{stage}_results.json")
-        del grouped
         return results
 
     def on_validation_epoch_start(self) -> None:
@@ -236,6 +236,22 @@ class BaseTask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A frozen backbone is rebuilt from `backbone.pretrained`: keep it out of checkpoints
+        (a LinCIR bigG checkpoint is then phi's few MB, not the tower's 10 GB)."""
+        if not self.trainable_backbone():
+            sd = checkpoint["state_dict"]
+            for k in [k for k in sd if k.startswith("backbone.")]:
+                del sd[k]
+            checkpoint["cirlab_backbone_omitted"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("cirlab_backbone_omitted"):
+            sd = checkpoint["state_dict"]
+            for k, v in self.backbone.state_dict(prefix="backbone.").items():
+                sd.setdefault(k, v)
 
     # ----------------------------------------------------------------- export
     def on_fit_end(self) -> None:
