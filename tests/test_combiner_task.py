@@ -157,3 +157,34 @@ def test_validation_reports_benchmark_metrics(small_world, tmp_path):
     m = task.last_results["synthetic"]
     assert set(m) >= {"R@1", "R@5", "R@10", "mAP@5", "mAP@10", "score"}
     assert all(0.0 <= v <= 100.0 for v in m.values())
+
+
+def test_checkpoint_round_trip_through_load_task(small_world, tmp_path):
+    """A stage-2 checkpoint keeps the Combiner (not the frozen backbone) and loads back equal."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cirlab.train.commands import load_task
+
+    task = CombinerTask(stage=2, backbone=BackboneConfig("cirlab-tiny", image_transform="targetpad"),
+                        optimizer=OptimizerConfig("adam", lr=1e-3), cache_dir=str(tmp_path / "c"))
+    export = tmp_path / "bb.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in task.backbone.merged_state_dict().items()}, str(export))
+    task.backbone_cfg.pretrained = str(export)  # the checkpoint rebuilds the frozen backbone from here
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", filename="last")
+    dm = RetrievalDataModule(train=str(small_world.path("triplets/train")), kind="triplet", batch_size=32,
+                             steps_per_epoch=3, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[ck], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=dm)
+    raw = torch.load(ck.best_model_path, weights_only=True)
+    assert not any(k.startswith("backbone.") for k in raw["state_dict"])
+    loaded = load_task(ck.best_model_path)
+    assert type(loaded) is CombinerTask and loaded.stage == 2
+    task.eval()
+    loaded.eval()
+    ref, txt = torch.randn(3, 64), torch.randn(3, 64)
+    assert torch.allclose(task.combine(ref, txt), loaded.combine(ref, txt), atol=1e-6)
+    with pytest.raises(FileNotFoundError):
+        load_task(tmp_path / "nope.ckpt")

@@ -241,6 +241,7 @@ class BaseTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A frozen backbone is rebuilt from `backbone.pretrained`: keep it out of checkpoints
         (a LinCIR bigG checkpoint is then phi's few MB, not the tower's 10 GB)."""
+        checkpoint["cirlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
         if not self.trainable_backbone():
             sd = checkpoint["state_dict"]
             for k in [k for k in sd if k.startswith("backbone.")]:
@@ -259,8 +260,9 @@ class BaseTask(L.LightningModule):
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
         if best and Path(best).is_file():
             # Export the selected model (the benchmark's best score), not the last epoch.
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            self.load_state_dict(state)
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            self.on_load_checkpoint(ckpt)  # puts back an omitted frozen backbone
+            self.load_state_dict(ckpt["state_dict"])
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir:
             self.export(Path(log_dir) / "export")

@@ -50,6 +50,9 @@ def text_variants(texts: list[str], text_format: str) -> list[str]:
     return list(texts)
 
 
+torch.serialization.add_safe_globals([CombinerConfig])  # readable with weights_only=True
+
+
 class CombinerTask(BaseTask):
     """CLIP4Cir. `stage: 1` fine-tunes the towers named by `train_towers`; `stage: 2` trains a Combiner
     on the frozen backbone (point `backbone.pretrained` at the stage-1 export or a released

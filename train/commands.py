@@ -23,8 +23,8 @@ def load_task(ckpt: str | Path, **overrides: Any):
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    hparams = torch.load(str(path), map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    class_path = hparams.get("_class_path")
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    class_path = ckpt.get("cirlab_task") or ckpt.get("hyper_parameters", {}).get("_class_path")
     if class_path is None or class_path.rsplit(".", 1)[0] not in TASK_MODULES:
         raise ValueError(f"{path} was not written by a cirlab task (class {class_path!r}); "
                          f"known task modules: {', '.join(TASK_MODULES)}")
@@ -32,7 +32,7 @@ def load_task(ckpt: str | Path, **overrides: Any):
     cls = getattr(importlib.import_module(module), name)
     if not issubclass(cls, BaseTask):
         raise ValueError(f"{class_path} is not a cirlab task")
-    return cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=False, **overrides)
+    return cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True, **overrides)
 
 
 def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator: str = "auto",

@@ -65,3 +65,13 @@ class EvalConfig:
     query_chunk: int = 1024
     gallery_chunk: int = 65536
     submission_dir: Optional[str] = None  # where CIRR/CIRCO test-server files go (default: log dir)
+
+
+def _allow_in_checkpoints() -> None:
+    """Let torch.load(weights_only=True) read checkpoints whose hyper-parameters hold these sections."""
+    import torch
+
+    torch.serialization.add_safe_globals([LoraConfig, BackboneConfig, OptimizerConfig, SchedulerConfig, EvalConfig])
+
+
+_allow_in_checkpoints()

@@ -26,7 +26,8 @@ COLUMNS = ("R@1", "R@5", "R@10", "mAP@5", "mAP@10")
 # (world scenes, eval queries, clip epochs, stage-1 epochs, stage-2 epochs, lincir epochs)
 SCALES = {
     "full": dict(scenes=4000, queries=400, clip_epochs=12, s1_epochs=3, s2_epochs=20, lincir_epochs=6),
-    "fast": dict(scenes=300, queries=60, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1),
+    # a smoke run of every step (tests): a few steps each
+    "fast": dict(scenes=150, queries=30, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1, steps=4),
 }
 
 
@@ -158,6 +159,8 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
     w = world.root
     common = ["--seed_everything", str(seed)]
+    if cfg.get("steps"):
+        common.append(f"--data.init_args.steps_per_epoch={cfg['steps']}")
     print("[2/6] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
     clip = _fit(RECIPES / "clip.yaml", out, "clip", common + [
         f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",

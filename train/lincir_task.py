@@ -34,6 +34,9 @@ class MaskingConfig:
     reference_quirk: bool = False
 
 
+torch.serialization.add_safe_globals([MaskingConfig])  # readable with weights_only=True
+
+
 class LinCIRTask(BaseTask):
     """LinCIR's self-masking projection. `image_tower: true` loads the image tower (for evaluation)."""
 

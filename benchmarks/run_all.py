@@ -1,0 +1,18 @@
+"""`make bench`: every benchmark in turn with its default arguments (figures: benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step")
+
+
+def main() -> None:
+    for name in BENCHMARKS:
+        print(f"== python -m benchmarks.{name}", flush=True)
+        subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], check=True)
+
+
+if __name__ == "__main__":
+    main()
