@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -25,6 +27,30 @@ cirlab commands:
 
 `cirlab <command> --help` describes each command's options.
 """
+
+
+# Messages that say nothing to a cirlab user (each checked: the behaviour they describe is intended).
+_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)",             # a Lightning/torch version skew
+    r".*`IterableDataset` has `__len__` defined",         # our streams split per worker themselves
+    r".*smaller than the logging interval",
+    r".*Found \d+ module\(s\) in eval mode",             # frozen backbones are in eval mode on purpose
+    r".*all_gather is deprecated",
+    r".*does not have many workers",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Silence known-harmless library chatter so that progress and results stay readable."""
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
 
 
 class CirlabCLI(LightningCLI):
@@ -94,6 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # wandb never phones home unless the user asks for it
     os.environ.setdefault("WANDB_MODE", "offline")
+    quiet_known_noise()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0

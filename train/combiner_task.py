@@ -147,7 +147,11 @@ class CombinerTask(BaseTask):
         new_images = new_texts = 0
         pending: dict[str, torch.Tensor] = {}
         texts: list[str] = []
-        for sample in dm.triplet_samples(transform=tf, skip_images=self._image_cache.pos):
+        from tqdm.auto import tqdm
+
+        samples = dm.triplet_samples(transform=tf, skip_images=self._image_cache.pos)
+        for sample in tqdm(samples, desc="feature cache", unit="triplet", disable=not self.trainer.is_global_zero,
+                           mininterval=2.0):
             for key, field in (("ref_id", "ref"), ("tgt_id", "tgt")):
                 img_id = sample[key]
                 if img_id not in self._image_cache and img_id not in pending and field in sample:
