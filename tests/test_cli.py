@@ -53,3 +53,15 @@ def test_unknown_key_inside_a_recipe_file(tmp_path):
     bad.write_text(text)
     r = _run("fit", "-c", str(bad), "--print_config")
     assert r.returncode != 0 and "nosie" in r.stderr
+
+
+def test_defaults_are_csv_logging_and_rich_progress(tmp_path, capsys):
+    recipe = tmp_path / "minimal.yaml"
+    recipe.write_text("model:\n  class_path: cirlab.train.clip_task.CLIPTask\n"
+                      "data:\n  class_path: cirlab.data.retrieval.RetrievalDataModule\n"
+                      "  init_args: {train: somewhere, kind: pair}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(recipe), "--print_config"])
+    out = capsys.readouterr().out
+    assert "lightning.pytorch.loggers.CSVLogger" in out
+    assert "lightning.pytorch.callbacks.RichProgressBar" in out

@@ -57,7 +57,12 @@ class CirlabCLI(LightningCLI):
     """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"trainer.default_root_dir": "runs"})
+        # CSV metrics and a rich progress bar unless the recipe names others (wandb, TensorBoard, …)
+        parser.set_defaults({
+            "trainer.default_root_dir": "runs",
+            "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+        })
 
 
 def run_lightning(args: Optional[list[str]]) -> int:
