@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from cirlab.data.benchmarks import cli
@@ -19,7 +17,7 @@ from cirlab.data.benchmarks.cirr import convert_cirr
 from cirlab.data.benchmarks.fashioniq import (caption_variants, clean_caption, convert_fashioniq,
                                               join_captions_eval, join_captions_train)
 from cirlab.data.evalset import load_eval_set
-from cirlab.data.shards import read_index
+from shard_reading import samples, tar_contents_digest
 
 
 def colour_of(name: str) -> tuple[int, int, int]:
@@ -30,26 +28,6 @@ def colour_of(name: str) -> tuple[int, int, int]:
 def save_image(path: Path, name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), colour_of(name)).save(path)
-
-
-def samples(folder: Path) -> list[dict]:
-    out = []
-    for s in wds.WebDataset(read_index(folder).urls, shardshuffle=False).decode("pil"):
-        meta = s.pop("json")
-        out.append({**s, **meta})
-    return out
-
-
-def digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.suffix == ".tar":
-            with tarfile.open(p) as t:
-                for m in t.getmembers():
-                    h.update(m.name.encode() + t.extractfile(m).read())
-        elif p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def write_json(path: Path, obj) -> None:
@@ -171,7 +149,7 @@ def test_fashioniq_png_images_stay_png_and_conversion_is_deterministic(fiq_root,
     source = np.asarray(Image.open(fiq_root / "images" / "s3.png").convert("RGB"))
     assert g[0]["id"] == "s3" and "png" in g[0]
     np.testing.assert_array_equal(np.asarray(g[0]["png"]), source)   # lossless: the PNG bytes as they were
-    assert digest(tmp_path / "a" / "eval") == digest(tmp_path / "b" / "eval")
+    assert tar_contents_digest(tmp_path / "a" / "eval") == tar_contents_digest(tmp_path / "b" / "eval")
 
 
 def test_fashioniq_bad_input_is_named(fiq_root, tmp_path):
