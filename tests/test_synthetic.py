@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from cirlab.data import synthetic as S
 from cirlab.data.evalset import load_eval_set
 from cirlab.data.shards import read_index
+from shard_reading import samples, tar_contents_digest
 
 SMALL = dict(n_train_scenes=120, n_eval_queries=40, renders_per_scene=3, shard_size=50)
 
@@ -22,30 +19,6 @@ SMALL = dict(n_train_scenes=120, n_eval_queries=40, renders_per_scene=3, shard_s
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return S.build_world(tmp_path_factory.mktemp("world") / "w", seed=3, **SMALL)
-
-
-def samples(folder: Path) -> list[dict]:
-    """All samples of a shard folder, decoded, json fields merged in."""
-    out = []
-    for s in wds.WebDataset(read_index(folder).urls, shardshuffle=False).decode("pil"):
-        meta = s.pop("json")
-        out.append({**s, **meta})
-    return out
-
-
-def tar_contents_digest(root: Path) -> str:
-    """Hash of every tar member (name + bytes) and every json file under root, in sorted order."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.suffix == ".tar":
-            with tarfile.open(p) as t:
-                for m in t.getmembers():
-                    h.update(f"{p.relative_to(root)}/{m.name}".encode())
-                    h.update(t.extractfile(m).read())
-        elif p.suffix == ".json":
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 OBJ_RE = re.compile(r"a (small|large) (\w+) (\w+) at the ([a-z ]+?)(?=,| and a |$)")
