@@ -188,3 +188,15 @@ def test_checkpoint_round_trip_through_load_task(small_world, tmp_path):
     assert torch.allclose(task.combine(ref, txt), loaded.combine(ref, txt), atol=1e-6)
     with pytest.raises(FileNotFoundError):
         load_task(tmp_path / "nope.ckpt")
+
+
+def test_a_trainer_without_logger_writes_nothing_into_the_working_directory(small_world, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    task = CombinerTask(stage=1, backbone=BackboneConfig("cirlab-tiny", image_transform="targetpad"))
+    _fit(task, small_world, steps=1, batch=8, val=True)
+    dm = RetrievalDataModule(test_sets=[str(small_world.path("eval/test"))], num_workers=0)
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(task, datamodule=dm)
+    assert task.last_results["synthetic"]
+    assert list(work.iterdir()) == []

@@ -215,7 +215,8 @@ class BaseTask(L.LightningModule):
             self.log_dict(flat, sync_dist=False, rank_zero_only=False)
         self.last_results = results
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if self.trainer.is_global_zero and log_dir:
+        # results go to the run's log folder; a Trainer without a logger has none (no stray files)
+        if self.trainer.is_global_zero and log_dir and self.trainer.logger is not None:
             save_results(results, Path(log_dir) / f"{stage}_results.json")
         return results
 
@@ -264,7 +265,8 @@ class BaseTask(L.LightningModule):
             self.on_load_checkpoint(ckpt)  # puts back an omitted frozen backbone
             self.load_state_dict(ckpt["state_dict"])
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if self.trainer.is_global_zero and log_dir:
+        # exports live in the run's log folder; with no logger there is no run folder: call export()
+        if self.trainer.is_global_zero and log_dir and self.trainer.logger is not None:
             self.export(Path(log_dir) / "export")
 
     def export(self, out_dir: str | Path) -> dict[str, Path]:

@@ -150,7 +150,8 @@ def subset_rankings_from_features(q: torch.Tensor, g: torch.Tensor, gallery: Gal
 def write_submission(protocol: Protocol, gallery: GalleryIndex, queries: QueryLog, ranked: list[list[str]], out_dir: str | Path) -> list[Path]:
     """Test-server files for CIRR and CIRCO; other benchmarks have none."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if protocol.name in ("cirr", "circo"):
+        out.mkdir(parents=True, exist_ok=True)
     if protocol.name == "cirr":
         q = F.normalize(torch.cat(queries.chunks), dim=-1)
         g = F.normalize(gallery.features, dim=-1)
