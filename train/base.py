@@ -147,7 +147,7 @@ class BaseTask(L.LightningModule):
     def _eval_sets(self, stage: str):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "eval_sets"):
-            raise RuntimeError("evaluation needs a data module with evaluation sets (cirlab.data.CIRDataModule)")
+            raise RuntimeError("evaluation needs a data module with evaluation sets (cirlab.data.retrieval.RetrievalDataModule with val_sets/test_sets)")
         return dm.eval_sets(stage)
 
     def _eval_start(self) -> None:
@@ -182,7 +182,7 @@ class BaseTask(L.LightningModule):
         results: dict[str, dict[str, float]] = {}
         protocols: dict[str, Protocol] = {}
         image_frozen = not any(p.requires_grad for p in self._image_parameters())
-        log_dir_all = self.trainer.log_dir
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         for i, es in enumerate(sets):
             name = es.protocol.name if es.protocol.name not in results else f"{es.protocol.name}-{i}"
             gal, qs = self._galleries.get(i), self._queries.get(i)
@@ -193,7 +193,7 @@ class BaseTask(L.LightningModule):
             metrics, ranked = score_queries(es.protocol, gal, qs, self.eval_cfg.top_k,
                                             self.eval_cfg.query_chunk, self.eval_cfg.gallery_chunk)
             if not es.protocol.has_targets or stage == "test":
-                out_dir = self.eval_cfg.submission_dir or Path(log_dir_all or ".") / "submissions"
+                out_dir = self.eval_cfg.submission_dir or Path(log_dir or ".") / "submissions"
                 for p in write_submission(es.protocol, gal, qs, ranked, out_dir):
                     log.info("wrote test-server file %s", p)
             self.last_rankings[name] = {"query_ids": qs.qids, "ref_ids": qs.ref_ids, "texts": qs.texts,
@@ -214,7 +214,6 @@ class BaseTask(L.LightningModule):
         if flat:
             self.log_dict(flat, sync_dist=False, rank_zero_only=False)
         self.last_results = results
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         # results go to the run's log folder; a Trainer without a logger has none (no stray files)
         if self.trainer.is_global_zero and log_dir and self.trainer.logger is not None:
             save_results(results, Path(log_dir) / f"{stage}_results.json")
