@@ -25,7 +25,8 @@ def test_ddp_ranks_see_different_samples_and_take_equal_steps(small_world, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     script = Path(__file__).with_name("ddp_pair_script.py")
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "pairs"), str(out)], capture_output=True,
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "pairs"), str(out),
+                        str(small_world.path("pairs_val"))], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
@@ -37,3 +38,8 @@ def test_ddp_ranks_see_different_samples_and_take_equal_steps(small_world, tmp_p
     assert len(a | b) >= 0.75 * total
     # DDP kept the replicas identical
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    # validation ranks the whole held-out set on every rank (gathered), so both report the same
+    assert ranks[0]["val"] and ranks[0]["val"] == ranks[1]["val"]
+    n_val = read_index(small_world.path("pairs_val")).total
+    # chance level 1/#distinct captions of the gathered set: more than one rank's share was ranked
+    assert ranks[0]["val"]["chance_i2t_R@1"] <= 100.0 / (n_val // 2 + 1)

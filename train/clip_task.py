@@ -65,7 +65,16 @@ class CLIPTask(BaseTask):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._val_img:
             return
-        metrics = self.pair_retrieval_metrics(torch.cat(self._val_img), self._val_txt)
+        img, texts = torch.cat(self._val_img), self._val_txt
+        if self.trainer.world_size > 1:
+            # each rank validated its share of the pairs: rank against the whole held-out set
+            import torch.distributed as dist
+
+            parts: list = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, (img, texts))
+            img = torch.cat([p[0] for p in parts])
+            texts = [t for p in parts for t in p[1]]
+        metrics = self.pair_retrieval_metrics(img, texts)
         self.last_results = {"pairs": metrics}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
 
