@@ -41,6 +41,7 @@ class RetrievalDataModule(ShardDataModule):
         self.eval_num_workers = eval_num_workers
         self.decode_images = True  # a task training from cached features turns this off
         self._sets: dict[str, list[EvalSet]] = {}
+        self._gallery_streams: dict[str, ShardStream] = {}
 
     def setup(self, stage: str) -> None:
         # fail at the start of the run with the missing folder's name, not in the middle of it
@@ -73,12 +74,19 @@ class RetrievalDataModule(ShardDataModule):
             yield sample
 
     # -- evaluation
+    def skip_gallery_pixels(self, root: str) -> None:
+        """The task holds this gallery's features (frozen image tower): stop decoding its images."""
+        stream = self._gallery_streams.get(str(root))
+        if stream is not None:
+            stream.decode_images = False
+
     def _eval_loaders(self, sets: list[EvalSet]) -> list[DataLoader]:
         loaders = []
         for es in sets:
             gallery = ShardStream(es.gallery.root, "image", transform=self.eval_transform, resampled=False,
                                   shuffle=False, shuffle_buffer=0, batch_size=self.eval_batch_size,
                                   rank=0, world_size=1, equal_steps=False)
+            self._gallery_streams[str(es.root)] = gallery
             queries = ShardStream(es.queries.root, "query", resampled=False, shuffle=False, shuffle_buffer=0,
                                   batch_size=self.eval_batch_size, rank=0, world_size=1, equal_steps=False,
                                   decode_images=False)  # the reference feature comes from the gallery

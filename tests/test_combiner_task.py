@@ -200,3 +200,30 @@ def test_a_trainer_without_logger_writes_nothing_into_the_working_directory(smal
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).test(task, datamodule=dm)
     assert task.last_results["synthetic"]
     assert list(work.iterdir()) == []
+
+
+def test_frozen_gallery_is_encoded_once_and_not_decoded_again(small_world, tmp_path):
+    task = CombinerTask(stage=2, backbone=BackboneConfig("cirlab-tiny", image_transform="targetpad"),
+                        optimizer=OptimizerConfig("adam", lr=1e-3), cache_dir=str(tmp_path / "c"))
+    seen = []
+
+    class Watch(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if dataloader_idx == 0:
+                seen.append((trainer.current_epoch, "image" in batch))
+
+    runs = []
+    task.backbone.model.visual.register_forward_hook(lambda *a: runs.append(1))
+    dm = RetrievalDataModule(train=str(small_world.path("triplets/train")), kind="triplet", batch_size=32,
+                             steps_per_epoch=2, num_workers=0, val_sets=[str(small_world.path("eval/val"))])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Watch()])
+    trainer.fit(task, datamodule=dm)
+    first = [has for e, has in seen if e == 0]
+    later = [has for e, has in seen if e > 0]
+    assert first and all(first) and later and not any(later)
+    runs_after_cache = len(runs)
+    trainer.validate(task, datamodule=dm, verbose=False)
+    assert len(runs) == runs_after_cache  # no image encoded again
+    assert task.last_results["synthetic"]["R@10"] >= 0

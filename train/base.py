@@ -190,6 +190,9 @@ class BaseTask(L.LightningModule):
                 continue
             if image_frozen:  # a frozen image tower gives the same gallery every time: encode once
                 self._gallery_cache[str(es.root)] = gal
+                dm = self.trainer.datamodule
+                if hasattr(dm, "skip_gallery_pixels"):
+                    dm.skip_gallery_pixels(str(es.root))  # later passes need the ids only
             metrics, ranked = score_queries(es.protocol, gal, qs, self.eval_cfg.top_k,
                                             self.eval_cfg.query_chunk, self.eval_cfg.gallery_chunk)
             if not es.protocol.has_targets or stage == "test":
