@@ -31,6 +31,8 @@ class Protocol:
     text_format: str = "plain"      # "plain" (one text) | "fashioniq" (two captions to join)
     group: str | None = None        # evaluation sets averaged together (FashionIQ categories)
     has_targets: bool = True        # test splits of CIRR/CIRCO have none: submission files only
+    breakdown: list[str] = field(default_factory=list)  # query fields whose values get their own
+    # recalls, e.g. the synthetic world's ["change", "composition"]: "change=colour/R@10"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

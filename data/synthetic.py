@@ -542,7 +542,7 @@ def _build_eval(out: Path, split: str, stream: int, seed: int, image_size: int, 
                    "text_format": "plain", "ref_caption": caption(ref), "tgt_caption": caption(tgt)}
 
     protocol = Protocol(name="synthetic", split=split, exclude_reference=True, recall_ks=[1, 5, 10],
-                        map_ks=[5, 10], text_format="plain")
+                        map_ks=[5, 10], text_format="plain", breakdown=["change", "composition"])
     es = write_eval_set(out / "eval" / split, protocol, query_samples(), gallery(), maxcount=shard_size)
     return {f"eval/{split}/queries": es.queries.total, f"eval/{split}/gallery": es.gallery.total,
             f"eval/{split}/scenes": len(scene_ids)}

@@ -12,6 +12,21 @@ def test_demo_fast_runs_every_step(tmp_path):
         assert all(0.0 <= m[c] <= 100.0 for c in COLUMNS), name
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved.keys() == rows.keys()
+    # the breakdown table: every method has R@10 per edit type present in the test split, and the
+    # per-type recalls average back to the overall R@10 when weighted by the number of queries
+    md = (tmp_path / "demo" / "results.md").read_text()
+    assert "R@10 by edit type" in md and "held_out" in md
+    from collections import Counter
+
+    from cirlab.data.streaming import ShardStream
+
+    queries = ShardStream(tmp_path / "demo" / "world" / "eval" / "test" / "queries", "query", resampled=False,
+                          shuffle=False, shuffle_buffer=0, batch_size=None, rank=0, world_size=1,
+                          equal_steps=False, decode_images=False)
+    counts = Counter(q["change"] for q in queries)
+    for name, m in rows.items():
+        weighted = sum(m[f"change={c}/R@10"] * n for c, n in counts.items()) / sum(counts.values())
+        assert abs(weighted - m["R@10"]) < 1e-6, name
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("<img") >= 8 and "Combiner" in page
     for run in ("clip", "combiner-stage1", "combiner", "lincir"):

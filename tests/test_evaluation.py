@@ -67,6 +67,27 @@ def test_fashioniq_group_average_and_scores():
     assert protocol_score(Protocol("cirr"), {"R@1": 1.0, "R@5": 2.0, "Rs@1": 3.0, "(R@5+Rs@1)/2": 100.0}) == 2.0
 
 
+def test_breakdown_recalls_per_field_value_and_kept_out_of_the_score():
+    # rankings (reference excluded): q0 -> g1 first (target g1: hit at 1), q1 -> g2 first (target g1:
+    # miss at 1, hit at 2), q2 -> g3 first (target g3: hit), q3 has no change field (skipped in it)
+    feats = [[1.0, 0.5, 0.1, 0.0], [0.0, 0.2, 0.9, 1.0], [0.0, 0.0, 0.2, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    q = QueryLog.for_protocol(Protocol("synthetic", breakdown=["change", "composition"]))
+    q.add({"id": ["q0", "q1", "q2"], "ref_id": ["g0", "g3", "g0"], "target_id": ["g1", "g1", "g3"],
+           "texts": [["t"]] * 3, "change": ["colour", "colour", "add"],
+           "composition": ["seen", "held_out", "held_out"]}, torch.tensor(feats[:3]))
+    q.add({"id": ["q3"], "ref_id": ["g0"], "target_id": ["g1"], "texts": [["t"]]}, torch.tensor(feats[3:]))
+    p = Protocol("synthetic", exclude_reference=True, recall_ks=[1, 2], breakdown=["change", "composition"])
+    m, ranked = score_queries(p, _gallery(), q, top_k=3)
+    assert [r[0] for r in ranked] == ["g1", "g2", "g3", "g1"]
+    assert m["R@1"] == 75.0 and m["R@2"] == 100.0
+    assert m["change=colour/R@1"] == 50.0 and m["change=colour/R@2"] == 100.0
+    assert m["change=add/R@1"] == 100.0
+    assert m["composition=seen/R@1"] == 100.0 and m["composition=held_out/R@1"] == 50.0
+    assert not any(k.startswith("change=None") for k in m)
+    # the breakdown never changes the selection score (the mean of the overall recalls)
+    assert protocol_score(p, m) == pytest.approx((75.0 + 100.0) / 2)
+
+
 def test_dimension_mismatch_is_clear():
     q = _queries([[1.0, 0.0, 0.0]], ["g0"], ["g1"])
     with pytest.raises(ValueError, match="dim"):

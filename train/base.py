@@ -173,7 +173,7 @@ class BaseTask(L.LightningModule):
         ref = gal.lookup(list(batch["ref_id"])).to(self.device)
         with torch.no_grad():
             feats = self.query_features(ref, list(batch["texts"]), es.protocol)
-        self._queries.setdefault(set_i, QueryLog()).add(batch, feats)
+        self._queries.setdefault(set_i, QueryLog.for_protocol(es.protocol)).add(batch, feats)
 
     def _eval_end(self, stage: str) -> dict[str, dict[str, float]]:
         if self.trainer.sanity_checking:

@@ -90,22 +90,31 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
     return rows, ranks
 
 
-def print_table(rows: dict[str, dict[str, float]], title: str) -> str:
+def print_table(rows: dict[str, dict[str, float]], title: str, columns: Optional[dict[str, str]] = None) -> str:
+    """Print a rich table and return it as markdown; ``columns`` maps metric keys to headers."""
     from rich.console import Console
     from rich.table import Table
 
+    columns = columns or {c: c for c in COLUMNS}
     table = Table(title=title)
     table.add_column("method")
-    for c in COLUMNS:
-        table.add_column(c, justify="right")
+    for header in columns.values():
+        table.add_column(header, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS))
-    console = Console(width=110)
+        table.add_row(name, *(f"{m.get(c, float('nan')):.1f}" for c in columns))
+    console = Console(width=120)
     console.print(table)
-    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in COLUMNS) + " |"
+    lines = ["| method | " + " | ".join(columns.values()) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{m.get(c, float('nan')):.1f}" for c in columns) + " |"
               for n, m in rows.items()]
     return "\n".join(lines)
+
+
+def breakdown_columns(rows: dict[str, dict[str, float]], k: int = 10) -> dict[str, str]:
+    """R@k per edit type and per composition (seen / held-out), as found in the results."""
+    keys = sorted({key for m in rows.values() for key in m if key.endswith(f"/R@{k}") and "=" in key},
+                  key=lambda key: (not key.startswith("change="), key))
+    return {key: key.split("/")[0].split("=", 1)[1] for key in keys}
 
 
 def _gallery_images(test_set: Path) -> dict[str, bytes]:
@@ -187,6 +196,10 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     minutes = (time.perf_counter() - t0) / 60
     md = print_table(rows, f"synthetic world, test split ({world.counts.get('eval/test/queries', '?')} queries), "
                            f"{minutes:.1f} min")
+    by_type = breakdown_columns(rows)
+    if by_type:  # where each method wins: R@10 per edit type and for seen / held-out compositions
+        md += "\n\nR@10 by edit type and composition:\n\n" + print_table(
+            rows, "R@10 by edit type and by composition (held_out = target holds an unseen colour+shape)", by_type)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(md + "\n")
     report = write_report(out / "report.html", rows, ranks["Combiner"], test_set)

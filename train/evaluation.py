@@ -69,6 +69,7 @@ class QueryLog:
     subsets: list[list[str]] = field(default_factory=list)
     texts: list[list[str]] = field(default_factory=list)
     chunks: list[torch.Tensor] = field(default_factory=list)
+    fields: dict[str, list[Any]] = field(default_factory=dict)  # the protocol's breakdown fields
 
     def add(self, batch: dict[str, Any], feats: torch.Tensor) -> None:
         n = feats.shape[0]
@@ -79,6 +80,13 @@ class QueryLog:
         self.subsets.extend(batch.get("subset", [[]] * n))
         self.texts.extend(batch.get("texts", [[]] * n))
         self.chunks.append(feats.detach().float().cpu())
+        for name, values in self.fields.items():
+            values.extend(batch.get(name) or [None] * n)
+
+    @classmethod
+    def for_protocol(cls, protocol: Protocol) -> "QueryLog":
+        """A log that also keeps the query fields the protocol breaks its recalls down by."""
+        return cls(fields={name: [] for name in protocol.breakdown})
 
 
 def protocol_score(protocol: Protocol, metrics: dict[str, float]) -> float:
@@ -125,7 +133,25 @@ def score_queries(protocol: Protocol, gallery: GalleryIndex, queries: QueryLog, 
             gts = [g_ if g_ else [t] for g_, t in zip(queries.gt_ids, queries.target_ids)]
             for kk, v in map_at_k(ranked, gts, protocol.map_ks).items():
                 metrics[f"mAP@{kk}"] = v
+        metrics.update(breakdown_recalls(protocol, queries, ranked))
     return metrics, ranked
+
+
+def breakdown_recalls(protocol: Protocol, queries: QueryLog, ranked: list[list[str]]) -> dict[str, float]:
+    """Recall@K per value of each breakdown field ("change=colour/R@10"); queries without one are skipped.
+
+    The keys do not start with "R@", so they never enter the selection score.
+    """
+    out: dict[str, float] = {}
+    if not protocol.recall_ks:
+        return out
+    for name in protocol.breakdown:
+        values = queries.fields.get(name, [])
+        for value in sorted({v for v in values if v is not None}, key=str):
+            rows = [i for i, v in enumerate(values) if v == value]
+            sub = recall_at_k([ranked[i] for i in rows], [queries.target_ids[i] for i in rows], protocol.recall_ks)
+            out.update({f"{name}={value}/R@{kk}": v for kk, v in sub.items()})
+    return out
 
 
 def subset_rankings_from_features(q: torch.Tensor, g: torch.Tensor, gallery: GalleryIndex, queries: QueryLog,
