@@ -126,3 +126,39 @@ def test_zero_shot_query_fashioniq_averages_both_orders():
         a = F.normalize(t.prompt_features(p, ["is red and is long", "a and b"]), dim=-1)
         b = F.normalize(t.prompt_features(p, ["is long and is red", "b and a"]), dim=-1)
     assert torch.allclose(q, F.normalize(a + b, dim=-1), atol=1e-6)
+
+
+def test_bf16_mixed_trains_phi_only_and_caches_float_features(small_world, tmp_path):
+    # the published recipes run the frozen tower under bf16-mixed; CPU autocast runs the same path
+    torch.manual_seed(0)
+    t = LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"),
+                   cache_dir=str(tmp_path), optimizer=OptimizerConfig("adamw", lr=1e-3))
+    tower = {k: v.clone() for k, v in t.backbone.state_dict().items()}
+    phi = {k: v.clone() for k, v in t.phi.state_dict().items()}
+    losses, dtypes = [], []
+    encode = t.backbone.encode_text_with_pseudo_tokens
+
+    def recording_encode(*args, **kw):  # the real encoder; records the dtype it computed in
+        out = encode(*args, **kw)
+        dtypes.append(out.dtype)
+        return out
+
+    t.backbone.encode_text_with_pseudo_tokens = recording_encode
+
+    class Log(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=32,
+                             steps_per_epoch=4, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Log()], limit_val_batches=0)
+    trainer.fit(t, datamodule=dm)
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert dtypes == [torch.bfloat16] * 4  # the tower ran under autocast
+    assert all(v.dtype == torch.float32 for v in t.phi.state_dict().values())
+    assert any(not torch.equal(phi[k], v) for k, v in t.phi.state_dict().items())
+    assert all(torch.equal(tower[k], v) for k, v in t.backbone.state_dict().items())
+    cached = t._text_cache.get(t._text_cache.ids[:4] or t._text_cache._pending_ids[:4])
+    assert cached.shape == (4, t.backbone.embed_dim) and cached.dtype == torch.float32
