@@ -116,3 +116,13 @@ def test_cirr_submission_files(tmp_path):
     assert rec["version"] == "rc2" and rec["metric"] == "recall" and rec["17"][:2] == ["g1", "g2"]
     assert len(rec["17"]) == 50 and "g0" not in rec["17"]
     assert sub["metric"] == "recall_subset" and sub["17"] == ["g1", "g2", "g9"]
+
+
+def test_evaluate_prints_breakdowns_on_their_own_lines():
+    from cirlab.train.commands import format_metrics
+
+    text = format_metrics("synthetic", {"R@1": 50.0, "change=add/R@1": 100.0, "change=colour/R@1": 0.0,
+                                        "composition=seen/R@1": 50.0, "score": 50.0})
+    assert text.splitlines() == ["synthetic: R@1 50.00, score 50.00",
+                                 "  by change: add R@1 100.00, colour R@1 0.00",
+                                 "  by composition: seen R@1 50.00"]

@@ -50,6 +50,20 @@ def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator:
     return task.last_results
 
 
+def format_metrics(name: str, metrics: dict[str, float]) -> str:
+    """One line of overall metrics, then one indented line per breakdown field ("change=colour/R@10")."""
+    overall = {k: v for k, v in metrics.items() if "=" not in k}
+    lines = [name + ": " + ", ".join(f"{k} {v:.2f}" for k, v in overall.items())]
+    groups: dict[str, list[str]] = {}
+    for key, v in metrics.items():
+        if "=" in key:
+            field_value, metric = key.split("/", 1)
+            field, value = field_value.split("=", 1)
+            groups.setdefault(field, []).append(f"{value} {metric} {v:.2f}")
+    lines += [f"  by {field}: " + ", ".join(items) for field, items in groups.items()]
+    return "\n".join(lines)
+
+
 def evaluate_cli(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="cirlab evaluate",
                                 description="Evaluate a trained checkpoint on evaluation-set folders.")
@@ -65,7 +79,7 @@ def evaluate_cli(argv: Sequence[str]) -> int:
         task.eval_cfg.submission_dir = a.submission_dir
     results = evaluate(task, a.sets, a.batch_size, a.accelerator)
     for name, metrics in results.items():
-        print(name + ": " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(format_metrics(name, metrics))
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=1))
     return 0
