@@ -114,6 +114,7 @@ def test_training_on_text_shards_never_runs_an_image_tower(small_world, tmp_path
     assert t.backbone.image_parameters() == []
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert len(t._text_cache) > 0  # caption features cached (frozen tower)
+    assert t._text_cache.dir.name.endswith("-text")
 
 
 def test_zero_shot_query_fashioniq_averages_both_orders():
@@ -162,3 +163,4 @@ def test_bf16_mixed_trains_phi_only_and_caches_float_features(small_world, tmp_p
     assert all(torch.equal(tower[k], v) for k, v in t.backbone.state_dict().items())
     cached = t._text_cache.get(t._text_cache.ids[:4] or t._text_cache._pending_ids[:4])
     assert cached.shape == (4, t.backbone.embed_dim) and cached.dtype == torch.float32
+    assert t._text_cache.dir.name.endswith("-text-bfloat16")  # apart from full-precision features

@@ -17,6 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def autocast_tag(device_type: str) -> str:
+    """"-bfloat16"/"-float16" while autocast is on for this device, else "": features computed in
+    reduced precision are kept apart from full-precision ones, so neither run reads the other's."""
+    if not torch.is_autocast_enabled(device_type):
+        return ""
+    return "-" + str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+
+
 def transform_key(transform: object) -> str:
     """A short stable key for a transform (its repr lists every parameter in torchvision)."""
     return hashlib.sha1(repr(transform).encode()).hexdigest()[:10]

@@ -22,7 +22,7 @@ from cirlab.data.evalset import Protocol
 from cirlab.models import DOLLAR_TOKEN_ID, Phi
 from cirlab.train.base import BaseTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
-from cirlab.train.feature_cache import FeatureCache
+from cirlab.train.feature_cache import FeatureCache, autocast_tag
 
 
 @dataclass
@@ -101,7 +101,8 @@ class LinCIRTask(BaseTask):
         if self._text_cache is None:
             root = Path(self.cache_dir) if self.cache_dir else Path(
                 getattr(self.trainer, "default_root_dir", ".") if self._trainer is not None else ".") / "feature_cache"
-            self._text_cache = FeatureCache(root, self.backbone.fingerprint(), "text")
+            # the features are computed here, inside the training step: under autocast when mixed
+            self._text_cache = FeatureCache(root, self.backbone.fingerprint(), "text" + autocast_tag(self.device.type))
         todo = self._text_cache.missing(captions)
         if todo:
             with torch.no_grad():
