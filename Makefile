@@ -6,7 +6,7 @@ STAMP := $(VENV)/.cirlab-installed
 # torch/torchvision are pinned to the builds that lie on this machine's disk (see README).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-gpu venv bench clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The GPU paths (bf16-mixed, ViT-B/32 steps, deepspeed): on a CUDA machine; skipped elsewhere.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -rs tests/test_gpu.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
