@@ -118,6 +118,14 @@ def test_cirr_submission_files(tmp_path):
     assert sub["metric"] == "recall_subset" and sub["17"] == ["g1", "g2", "g9"]
 
 
+def test_breakdown_by_a_list_field_is_a_clear_error():
+    q = QueryLog.for_protocol(Protocol("synthetic", breakdown=["texts"]))
+    q.add({"id": ["q0"], "ref_id": ["g0"], "target_id": ["g1"], "texts": [["make it red"]]},
+          torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="breakdown field 'texts' holds list"):
+        score_queries(Protocol("synthetic", recall_ks=[1], breakdown=["texts"]), _gallery(), q)
+
+
 def test_evaluate_prints_breakdowns_on_their_own_lines():
     from cirlab.train.commands import format_metrics
 

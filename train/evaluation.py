@@ -147,6 +147,11 @@ def breakdown_recalls(protocol: Protocol, queries: QueryLog, ranked: list[list[s
         return out
     for name in protocol.breakdown:
         values = queries.fields.get(name, [])
+        bad = next((v for v in values if v is not None and not isinstance(v, (str, int, float, bool))), None)
+        if bad is not None:
+            raise ValueError(f"breakdown field {name!r} holds {type(bad).__name__} values ({bad!r}); "
+                             "break down by a field with one string or number per query, or drop it from "
+                             "the protocol's breakdown")
         for value in sorted({v for v in values if v is not None}, key=str):
             rows = [i for i, v in enumerate(values) if v == value]
             sub = recall_at_k([ranked[i] for i in rows], [queries.target_ids[i] for i in rows], protocol.recall_ks)
