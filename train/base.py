@@ -47,6 +47,9 @@ class BaseTask(L.LightningModule):
     backbone_eval_mode: bool = False
     #: whether evaluation needs the image tower (False lets text-only training skip loading it)
     needs_image_tower: bool = True
+    #: constructor arguments a checkpoint is reloaded with for evaluation and retrieval
+    #: (LinCIR trains without an image tower but ranks images with one)
+    evaluation_overrides: dict[str, Any] = {}
 
     def default_optimizer(self) -> OptimizerConfig:
         return OptimizerConfig()
@@ -151,6 +154,11 @@ class BaseTask(L.LightningModule):
         return dm.eval_sets(stage)
 
     def _eval_start(self) -> None:
+        if getattr(self.backbone.model, "visual", None) is None:
+            fix = ", ".join(f"--model.init_args.{k}={str(v).lower()}" for k, v in self.evaluation_overrides.items())
+            raise ValueError(f"{type(self).__name__} was built without its image tower, which evaluation needs to "
+                             f"encode the gallery: add {fix or 'the image tower'} to the command "
+                             "(`cirlab evaluate --ckpt …` and `cirlab retrieve` do this themselves)")
         self._galleries: dict[int, GalleryIndex] = {}
         self._queries: dict[int, QueryLog] = {}
 
@@ -243,19 +251,26 @@ class BaseTask(L.LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A frozen backbone is rebuilt from `backbone.pretrained`: keep it out of checkpoints
-        (a LinCIR bigG checkpoint is then phi's few MB, not the tower's 10 GB)."""
+        (a LinCIR bigG checkpoint is then phi's few MB, not the tower's 10 GB). A randomly initialised
+        one cannot be rebuilt, so it stays in."""
         checkpoint["cirlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        if not self.trainable_backbone():
+        if not self.trainable_backbone() and self.backbone_cfg.pretrained:
             sd = checkpoint["state_dict"]
             for k in [k for k in sd if k.startswith("backbone.")]:
                 del sd[k]
             checkpoint["cirlab_backbone_omitted"] = True
+        checkpoint["cirlab_image_tower_absent"] = getattr(self.backbone.model, "visual", None) is None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
         if checkpoint.get("cirlab_backbone_omitted"):
-            sd = checkpoint["state_dict"]
             for k, v in self.backbone.state_dict(prefix="backbone.").items():
                 sd.setdefault(k, v)
+        elif checkpoint.get("cirlab_image_tower_absent"):
+            # trained without an image tower (LinCIR), reloaded with one: the tower comes from `pretrained`
+            for k, v in self.backbone.model.state_dict(prefix="backbone.model.").items():
+                if k.startswith("backbone.model.visual."):
+                    sd.setdefault(k, v)
 
     # ----------------------------------------------------------------- export
     def on_fit_end(self) -> None:

@@ -13,7 +13,8 @@ TASK_MODULES = ("cirlab.train.clip_task", "cirlab.train.combiner_task", "cirlab.
 
 
 def load_task(ckpt: str | Path, **overrides: Any):
-    """A task back from a Lightning checkpoint written by `cirlab fit` (any cirlab task class)."""
+    """A task back from a Lightning checkpoint written by `cirlab fit` (any cirlab task class), ready to
+    evaluate: the class's `evaluation_overrides` apply (LinCIR gets its image tower), then ``overrides``."""
     import importlib
 
     import torch
@@ -23,6 +24,8 @@ def load_task(ckpt: str | Path, **overrides: Any):
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    for module in TASK_MODULES:  # each registers its recipe dataclasses as safe to unpickle
+        importlib.import_module(module)
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     class_path = ckpt.get("cirlab_task") or ckpt.get("hyper_parameters", {}).get("_class_path")
     if class_path is None or class_path.rsplit(".", 1)[0] not in TASK_MODULES:
@@ -32,7 +35,8 @@ def load_task(ckpt: str | Path, **overrides: Any):
     cls = getattr(importlib.import_module(module), name)
     if not issubclass(cls, BaseTask):
         raise ValueError(f"{class_path} is not a cirlab task")
-    return cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True, **overrides)
+    kwargs = {**cls.evaluation_overrides, **overrides}
+    return cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True, **kwargs)
 
 
 def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator: str = "auto",

@@ -40,6 +40,8 @@ torch.serialization.add_safe_globals([MaskingConfig])  # readable with weights_o
 class LinCIRTask(BaseTask):
     """LinCIR's self-masking projection. `image_tower: true` loads the image tower (for evaluation)."""
 
+    evaluation_overrides = {"image_tower": True}
+
     def __init__(self, image_tower: bool = False, phi_hidden_dim: Optional[int] = None, phi_dropout: float = 0.5,
                  noise: bool = True, cache_text_features: bool = True, cache_dir: Optional[str] = None,
                  prompt: str = "a photo of $ that {}", masking: Optional[MaskingConfig] = None,

@@ -1,0 +1,142 @@
+"""Trained checkpoints back in use: `cirlab evaluate` and `cirlab retrieve` for every task kind.
+
+LinCIR trains without an image tower; its checkpoints must still evaluate and retrieve (the tower is
+rebuilt from `backbone.pretrained`), and a frozen random backbone must not be dropped from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+from safetensors.torch import save_file
+
+from cirlab.data.evalset import Protocol
+from cirlab.data.retrieval import RetrievalDataModule
+from cirlab.data.streaming import ShardStream
+from cirlab.models import Backbone
+from cirlab.train.combiner_task import CombinerTask
+from cirlab.train.commands import evaluate, load_task
+from cirlab.train.config import BackboneConfig, OptimizerConfig
+from cirlab.train.lincir_task import LinCIRTask, MaskingConfig
+from cirlab.train.retrieve import list_images, retrieve_cli
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(small_world, tmp_path_factory):
+    """The test gallery's first 24 images as PNG files, the way a user's folder looks."""
+    out = tmp_path_factory.mktemp("gallery")
+    stream = ShardStream(small_world.path("eval/test") / "gallery", "image", resampled=False, shuffle=False,
+                         shuffle_buffer=0, batch_size=None, rank=0, world_size=1, equal_steps=False)
+    for i, s in enumerate(stream):
+        if i == 24:
+            break
+        s["image"].save(out / f"{i:02d}.png")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in Backbone("cirlab-tiny").merged_state_dict().items()}, str(path))
+    return path
+
+
+def _fit_with_checkpoint(task, datamodule, tmp_path) -> str:
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", filename="last")
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[ck], enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(task, datamodule=datamodule)
+    return ck.best_model_path
+
+
+def _lincir_checkpoint(world, tmp_path, pretrained) -> tuple[LinCIRTask, str]:
+    torch.manual_seed(0)
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", pretrained), masking=MaskingConfig("lexicon", "synthetic"),
+                      cache_dir=str(tmp_path / "cache"), optimizer=OptimizerConfig("adamw", lr=1e-3))
+    dm = RetrievalDataModule(train=str(world.path("texts")), kind="text", batch_size=16, steps_per_epoch=2,
+                             num_workers=0)
+    return task, _fit_with_checkpoint(task, dm, tmp_path)
+
+
+def _manual_ranking(task, gallery, image, text):
+    """The ranking computed directly from the task's features, to check the command against."""
+    task.eval()
+    tf = task.image_transform(train=False)
+    with torch.no_grad():
+        g = task.gallery_features(torch.stack([tf(Image.open(p).convert("RGB")) for p in gallery]))
+        ref = task.gallery_features(tf(Image.open(image).convert("RGB"))[None])
+        q = task.query_features(ref, [[text]], Protocol("custom", text_format="plain"))
+    scores = F.normalize(q, dim=-1) @ F.normalize(g, dim=-1).T
+    return [gallery[i] for i in scores[0].argsort(descending=True).tolist()]
+
+
+def _retrieve_lines(capsys, ckpt, gallery_dir, tmp_path, text, k=5):
+    image = list_images(gallery_dir)[3]
+    html, grid = tmp_path / "page.html", tmp_path / "strip.png"
+    capsys.readouterr()  # drop what earlier steps printed
+    assert retrieve_cli(["--ckpt", ckpt, "--gallery", str(gallery_dir), "--image", str(image), "--text", text,
+                         "--top-k", str(k), "--html", str(html), "--grid", str(grid)]) == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    ranked = [line.split()[2] for line in out[:k]]
+    scores = [float(line.split()[1]) for line in out[:k]]
+    assert scores == sorted(scores, reverse=True)
+    assert html.read_text().count("<figure") == k
+    assert Image.open(grid).size[0] > 128 * k  # the query and k results in one strip
+    return image, ranked
+
+
+def test_lincir_checkpoint_evaluates_and_retrieves_with_its_image_tower(small_world, gallery_dir, tiny_clip_file,
+                                                                        tmp_path, capsys):
+    trained, ckpt = _lincir_checkpoint(small_world, tmp_path, str(tiny_clip_file))
+    raw = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("backbone.") for k in raw["state_dict"])  # phi only: the tower comes from file
+    loaded = load_task(ckpt)
+    assert type(loaded) is LinCIRTask and loaded.backbone.model.visual is not None
+    for k, v in trained.phi.state_dict().items():
+        assert torch.equal(loaded.phi.state_dict()[k], v)
+    reference = Backbone("cirlab-tiny", str(tiny_clip_file))
+    for k, v in reference.model.visual.state_dict().items():
+        assert torch.equal(loaded.backbone.model.visual.state_dict()[k], v)
+
+    results = evaluate(loaded, [str(small_world.path("eval/test"))], accelerator="cpu")
+    assert 0.0 <= results["synthetic"]["R@10"] <= 100.0
+
+    image, ranked = _retrieve_lines(capsys, ckpt, gallery_dir, tmp_path, "make the circle red")
+    expected = _manual_ranking(loaded, list_images(gallery_dir), image, "make the circle red")
+    assert ranked == [str(p) for p in expected[:5]]
+
+
+def test_combiner_checkpoint_retrieves(small_world, gallery_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    task = CombinerTask(stage=1, backbone=BackboneConfig("cirlab-tiny", image_transform="targetpad"),
+                        optimizer=OptimizerConfig("adamw", lr=1e-4))
+    dm = RetrievalDataModule(train=str(small_world.path("triplets/train")), kind="triplet", batch_size=8,
+                             steps_per_epoch=1, num_workers=0)
+    ckpt = _fit_with_checkpoint(task, dm, tmp_path)
+    image, ranked = _retrieve_lines(capsys, ckpt, gallery_dir, tmp_path, "add a small blue square")
+    expected = _manual_ranking(load_task(ckpt), list_images(gallery_dir), image, "add a small blue square")
+    assert ranked == [str(p) for p in expected[:5]]
+
+
+def test_a_frozen_random_backbone_stays_in_the_checkpoint(small_world, tmp_path):
+    # nothing could rebuild it: dropping it would silently swap the text tower on reload
+    trained, ckpt = _lincir_checkpoint(small_world, tmp_path, None)
+    raw = torch.load(ckpt, weights_only=True)
+    assert any(k.startswith("backbone.model.transformer.") for k in raw["state_dict"])
+    loaded = load_task(ckpt)
+    tokens = trained.backbone.tokenize(["a small red circle at the top left"])
+    trained.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.backbone.encode_text(tokens), trained.backbone.encode_text(tokens), atol=1e-6)
+
+
+def test_evaluating_a_task_built_without_its_image_tower_names_the_fix(small_world):
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"))
+    dm = RetrievalDataModule(test_sets=[str(small_world.path("eval/test"))], num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="--model.init_args.image_tower=true"):
+        trainer.test(task, datamodule=dm, verbose=False)
