@@ -140,3 +140,27 @@ def test_evaluating_a_task_built_without_its_image_tower_names_the_fix(small_wor
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="--model.init_args.image_tower=true"):
         trainer.test(task, datamodule=dm, verbose=False)
+
+
+def test_cirlab_test_with_a_lincir_checkpoint_adds_the_image_tower(small_world, tiny_clip_file, tmp_path, capsys):
+    # Lightning replaces the model section with the checkpoint's hyperparameters (image_tower: false)
+    from cirlab.train.cli import main
+
+    trained, ckpt = _lincir_checkpoint(small_world, tmp_path, str(tiny_clip_file))
+    expected = evaluate(load_task(ckpt), [str(small_world.path("eval/test"))], accelerator="cpu")["synthetic"]
+    recipe = tmp_path / "lincir.yaml"
+    recipe.write_text(f"""
+trainer: {{accelerator: cpu, devices: 1, logger: false, enable_progress_bar: false, callbacks: []}}
+model:
+  class_path: cirlab.train.lincir_task.LinCIRTask
+  init_args:
+    backbone: {{model_name: cirlab-tiny, pretrained: {tiny_clip_file}}}
+data:
+  class_path: cirlab.data.retrieval.RetrievalDataModule
+  init_args: {{test_sets: [{small_world.path("eval/test")}], num_workers: 0}}
+""")
+    assert main(["test", "-c", str(recipe), "--ckpt_path", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert "test/synthetic/R@10" in out
+    row = next(line for line in out.splitlines() if "test/synthetic/R@10" in line)
+    assert float(row.split("│")[2]) == pytest.approx(expected["R@10"], abs=1e-4)

@@ -158,7 +158,7 @@ class BaseTask(L.LightningModule):
             fix = ", ".join(f"--model.init_args.{k}={str(v).lower()}" for k, v in self.evaluation_overrides.items())
             raise ValueError(f"{type(self).__name__} was built without its image tower, which evaluation needs to "
                              f"encode the gallery: add {fix or 'the image tower'} to the command "
-                             "(`cirlab evaluate --ckpt …` and `cirlab retrieve` do this themselves)")
+                             "(`cirlab test --ckpt_path`, `cirlab evaluate` and `cirlab retrieve` do this themselves)")
         self._galleries: dict[int, GalleryIndex] = {}
         self._queries: dict[int, QueryLog] = {}
 
@@ -254,6 +254,8 @@ class BaseTask(L.LightningModule):
         (a LinCIR bigG checkpoint is then phi's few MB, not the tower's 10 GB). A randomly initialised
         one cannot be rebuilt, so it stays in."""
         checkpoint["cirlab_task"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # what LightningCLI writes itself; `cirlab test --ckpt_path` then reads checkpoints of Python-made runs too
+        checkpoint.setdefault("hyper_parameters", {}).setdefault("_class_path", checkpoint["cirlab_task"])
         if not self.trainable_backbone() and self.backbone_cfg.pretrained:
             sd = checkpoint["state_dict"]
             for k in [k for k in sd if k.startswith("backbone.")]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -63,6 +64,22 @@ class CirlabCLI(LightningCLI):
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
             "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
         })
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model section with the checkpoint's hyperparameters; evaluating
+        subcommands then re-apply the task's `evaluation_overrides` (LinCIR's image tower)."""
+        super()._parse_ckpt_path()
+        sub = self.config.get("subcommand")
+        if sub not in ("validate", "test", "predict") or not self.config[sub].get("ckpt_path"):
+            return
+        model = self.config[sub].get("model")
+        class_path = getattr(model, "class_path", None)
+        if not class_path:
+            return
+        module, name = class_path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name, None)
+        for key, value in getattr(cls, "evaluation_overrides", {}).items():
+            model.init_args[key] = value
 
 
 def run_lightning(args: Optional[list[str]]) -> int:
