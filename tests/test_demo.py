@@ -29,5 +29,10 @@ def test_demo_fast_runs_every_step(tmp_path):
         assert abs(weighted - m["R@10"]) < 1e-6, name
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("<img") >= 8 and "Combiner" in page
-    for run in ("clip", "combiner-stage1", "combiner", "lincir"):
-        assert (tmp_path / "demo" / "runs" / run / "export" / "backbone.safetensors").is_file()
+    runs = tmp_path / "demo" / "runs"
+    for run in ("clip", "combiner-stage1"):  # trained backbones: their weights
+        assert (runs / run / "export" / "backbone.safetensors").is_file()
+    for run, source in (("combiner", "combiner-stage1"), ("lincir", "clip")):  # frozen: a pointer, no copy
+        assert not (runs / run / "export" / "backbone.safetensors").exists()
+        pointer = json.loads((runs / run / "export" / "backbone.json").read_text())
+        assert pointer["pretrained"] == str((runs / source / "export" / "backbone.safetensors").resolve())

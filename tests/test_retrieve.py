@@ -164,3 +164,25 @@ data:
     assert "test/synthetic/R@10" in out
     row = next(line for line in out.splitlines() if "test/synthetic/R@10" in line)
     assert float(row.split("│")[2]) == pytest.approx(expected["R@10"], abs=1e-4)
+
+
+def test_a_frozen_backbone_is_exported_as_a_pointer_to_its_source(small_world, tiny_clip_file, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cirlab.train.base import exported_backbone
+
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", str(tiny_clip_file)),
+                      masking=MaskingConfig("lexicon", "synthetic"), cache_dir=str(tmp_path / "cache"))
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=8, steps_per_epoch=1,
+                             num_workers=0)
+    L.Trainer(accelerator="cpu", max_epochs=1, logger=CSVLogger(tmp_path, name="run", version=""),
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(task, datamodule=dm)
+    export = tmp_path / "run" / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["backbone.json", "phi.safetensors"]
+    assert exported_backbone(export) == str(tiny_clip_file.resolve())
+    rebuilt = LinCIRTask(image_tower=True, backbone=BackboneConfig("cirlab-tiny", exported_backbone(export)))
+    tokens = task.backbone.tokenize(["a small red circle"])
+    with torch.no_grad():
+        assert torch.equal(rebuilt.backbone.encode_text(tokens), task.backbone.encode_text(tokens))
+    with pytest.raises(FileNotFoundError, match="export folder"):
+        exported_backbone(tmp_path)

@@ -9,6 +9,7 @@ query features -> ranking -> the benchmark's metrics). A method defines how it t
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +36,17 @@ def build_backbone(cfg: BackboneConfig, load_image_tower: bool = True) -> Backbo
     return Backbone(cfg.model_name, cfg.pretrained, load_image_tower=load_image_tower,
                     freeze_image=cfg.freeze_image, freeze_text=cfg.freeze_text,
                     grad_checkpointing=cfg.grad_checkpointing, lora=lora)
+
+
+def exported_backbone(export_dir: str | Path) -> str:
+    """The `pretrained` value for a run's exported backbone: its weights file, or the source that
+    `backbone.json` names when the backbone was frozen."""
+    out = Path(export_dir)
+    if (out / "backbone.safetensors").is_file():
+        return str(out / "backbone.safetensors")
+    if (out / "backbone.json").is_file():
+        return json.loads((out / "backbone.json").read_text())["pretrained"]
+    raise FileNotFoundError(f"no backbone.safetensors or backbone.json in {out}: is it a run's export folder?")
 
 
 class BaseTask(L.LightningModule):
@@ -289,15 +301,26 @@ class BaseTask(L.LightningModule):
             self.export(Path(log_dir) / "export")
 
     def export(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write the backbone (open_clip state dict) and the method's modules as safetensors."""
+        """Write the method's modules as safetensors, and the backbone: its weights (open_clip state
+        dict) when training changed them, else `backbone.json` naming the unchanged source."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written = {}
-        # the backbone in open_clip's own key names (LoRA folded in) so pretrained=<file> loads it
-        states = {"backbone": self.backbone.merged_state_dict(),
-                  **{n: m.state_dict() for n, m in self.export_modules().items()}}
+        states = {n: m.state_dict() for n, m in self.export_modules().items()}
+        source = self.backbone_cfg.pretrained
+        if self.trainable_backbone() or not source:
+            # open_clip's own key names (LoRA folded in), so pretrained=<file> loads it
+            states["backbone"] = self.backbone.merged_state_dict()
+        else:
+            # frozen: a copy would only repeat `pretrained` (GBs for ViT-bigG; text-only for LinCIR)
+            if Path(source).is_file():
+                source = str(Path(source).resolve())
+            path = out / "backbone.json"
+            path.write_text(json.dumps({"model_name": self.backbone_cfg.model_name, "pretrained": source,
+                                        "frozen": True}, indent=2) + "\n")
+            written["backbone"] = path
         for name, sd in states.items():
             state = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
             path = out / f"{name}.safetensors"

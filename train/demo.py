@@ -65,6 +65,7 @@ def _load_module(module: torch.nn.Module, path: Path) -> None:
 def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path, test_set: Path
                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
     """Every row of the demo table, evaluated on the same test split."""
+    from cirlab.train.base import exported_backbone
     from cirlab.train.baselines import BaselineTask
     from cirlab.train.combiner_task import CombinerTask
     from cirlab.train.config import BackboneConfig
@@ -75,16 +76,16 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
     ranks: dict[str, dict[str, Any]] = {}
     for mode, label in (("image", "image only (no training)"), ("text", "text only (no training)"),
                         ("sum", "image + text (no training)")):
-        task = BaselineTask(mode, backbone=BackboneConfig(tiny, str(clip / "backbone.safetensors")))
+        task = BaselineTask(mode, backbone=BackboneConfig(tiny, exported_backbone(clip)))
         rows[label], ranks[label] = _test(task, test_set)
-    s1 = CombinerTask(stage=1, backbone=BackboneConfig(tiny, str(stage1 / "backbone.safetensors"),
+    s1 = CombinerTask(stage=1, backbone=BackboneConfig(tiny, exported_backbone(stage1),
                                                        image_transform="targetpad"))
     rows["CLIP4Cir stage 1 (fine-tuned sum)"], ranks["stage1"] = _test(s1, test_set)
-    s2 = CombinerTask(stage=2, backbone=BackboneConfig(tiny, str(stage2 / "backbone.safetensors"),
+    s2 = CombinerTask(stage=2, backbone=BackboneConfig(tiny, exported_backbone(stage2),
                                                        image_transform="targetpad"))
     _load_module(s2.combiner, stage2 / "combiner.safetensors")
     rows["CLIP4Cir Combiner (stage 2)"], ranks["Combiner"] = _test(s2, test_set)
-    lc = LinCIRTask(image_tower=True, backbone=BackboneConfig(tiny, str(clip / "backbone.safetensors")))
+    lc = LinCIRTask(image_tower=True, backbone=BackboneConfig(tiny, exported_backbone(lincir)))
     _load_module(lc.phi, lincir / "phi.safetensors")
     rows["LinCIR (text-only training)"], ranks["LinCIR"] = _test(lc, test_set)
     return rows, ranks
