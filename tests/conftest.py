@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# the benchmarks' official layouts in miniature, shared with the end-to-end evaluation tests
+from test_benchmarks_data import circo_root, cirr_root, fiq_root  # noqa: F401
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("WANDB_MODE", "offline")
 

@@ -146,7 +146,7 @@ def test_cirlab_test_with_a_lincir_checkpoint_adds_the_image_tower(small_world, 
     # Lightning replaces the model section with the checkpoint's hyperparameters (image_tower: false)
     from cirlab.train.cli import main
 
-    trained, ckpt = _lincir_checkpoint(small_world, tmp_path, str(tiny_clip_file))
+    _, ckpt = _lincir_checkpoint(small_world, tmp_path, str(tiny_clip_file))
     expected = evaluate(load_task(ckpt), [str(small_world.path("eval/test"))], accelerator="cpu")["synthetic"]
     recipe = tmp_path / "lincir.yaml"
     recipe.write_text(f"""

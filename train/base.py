@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import torch
@@ -61,7 +61,7 @@ class BaseTask(L.LightningModule):
     needs_image_tower: bool = True
     #: constructor arguments a checkpoint is reloaded with for evaluation and retrieval
     #: (LinCIR trains without an image tower but ranks images with one)
-    evaluation_overrides: dict[str, Any] = {}
+    evaluation_overrides: ClassVar[dict[str, Any]] = {}
 
     def default_optimizer(self) -> OptimizerConfig:
         return OptimizerConfig()

@@ -7,6 +7,7 @@ Features here are raw; ranking uses their L2-normalised form (cosine similarity,
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 from cirlab.data.evalset import Protocol
 from cirlab.train.metrics import map_at_k, recall_at_k, subset_recall_at_k
 from cirlab.train.ranking import rank
-from cirlab.train.submissions import write_circo_submission, write_cirr_submission
+from cirlab.train.submissions import CIRCO_TOP, CIRR_TOP, write_circo_submission, write_cirr_submission
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,8 +184,18 @@ def subset_rankings_from_features(q: torch.Tensor, g: torch.Tensor, gallery: Gal
 def write_submission(protocol: Protocol, gallery: GalleryIndex, queries: QueryLog, ranked: list[list[str]], out_dir: str | Path) -> list[Path]:
     """Test-server files for CIRR and CIRCO; other benchmarks have none."""
     out = Path(out_dir)
-    if protocol.name in ("cirr", "circo"):
-        out.mkdir(parents=True, exist_ok=True)
+    if protocol.name not in ("cirr", "circo"):
+        return []
+    need = CIRR_TOP if protocol.name == "cirr" else CIRCO_TOP
+    shortest = min((len(r) for r in ranked), default=need)
+    if shortest < need:
+        # the servers take exactly the top 50; a smaller custom gallery still gets its metrics
+        log.warning("no %s %s test-server file: it needs the top %d of every ranking, and %s", protocol.name,
+                    protocol.split, need, f"the gallery holds only {len(gallery.ids)} images" if
+                    len(gallery.ids) - protocol.exclude_reference < need else
+                    f"evaluation.top_k ranks {shortest}: set it to at least {need}")
+        return []
+    out.mkdir(parents=True, exist_ok=True)
     if protocol.name == "cirr":
         q = F.normalize(torch.cat(queries.chunks), dim=-1)
         g = F.normalize(gallery.features, dim=-1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ torch.serialization.add_safe_globals([MaskingConfig])  # readable with weights_o
 class LinCIRTask(BaseTask):
     """LinCIR's self-masking projection. `image_tower: true` loads the image tower (for evaluation)."""
 
-    evaluation_overrides = {"image_tower": True}
+    evaluation_overrides: ClassVar[dict[str, Any]] = {"image_tower": True}
 
     def __init__(self, image_tower: bool = False, phi_hidden_dim: Optional[int] = None, phi_dropout: float = 0.5,
                  noise: bool = True, cache_text_features: bool = True, cache_dir: Optional[str] = None,
