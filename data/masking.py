@@ -245,7 +245,8 @@ def mask_text_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, mask
                 batch = []
         yield from _with_masks(batch, masker)
 
-    return write_shards(masked_samples(), out_dir, kind="text", maxcount=max(index.counts, default=1000))
+    return write_shards(masked_samples(), out_dir, kind="text", maxcount=max(index.counts, default=1000),
+                        total=index.total)
 
 
 def _with_masks(batch: list[dict[str, Any]], masker: KeywordMasker) -> list[dict[str, Any]]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import webdataset as wds
 from PIL import Image
@@ -100,11 +101,30 @@ def sample_to_members(sample: dict[str, Any], kind: str, key: str, image_format:
     return members
 
 
+@contextmanager
+def write_progress(what: str, total: Optional[int] = None, console: Any = None) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr while samples are written, shown on a terminal only (logs and CI stay
+    clean); yields the function that counts one sample."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda: bar.advance(task)
+
+
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, kind: str,
-                 maxcount: int = 1000, prefix: str = "shard", image_format: str = "jpeg") -> ShardIndex:
+                 maxcount: int = 1000, prefix: str = "shard", image_format: str = "jpeg",
+                 total: Optional[int] = None, console: Any = None) -> ShardIndex:
     """Write samples of one kind into ``out_dir/{prefix}-NNNNNN.tar`` plus ``index.json``.
 
-    Images may be PIL images, encoded bytes or file paths. Returns the index written.
+    Images may be PIL images, encoded bytes or file paths. Returns the index written. On a terminal a
+    progress bar counts the samples, against ``total`` where the caller knows it.
     """
     check_kind(kind)
     out = Path(out_dir)
@@ -112,23 +132,25 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, 
     names: list[str] = []
     counts: list[int] = []
     shard_no, in_shard, sink = -1, 0, None
-    try:
-        for i, sample in enumerate(samples):
-            if sink is None or in_shard >= maxcount:
-                if sink is not None:
-                    sink.close()
-                shard_no += 1
-                name = f"{prefix}-{shard_no:06d}.tar"
-                sink = wds.TarWriter(str(out / name), mtime=0)  # reproducible: no wall-clock stamps
-                names.append(name)
-                counts.append(0)
-                in_shard = 0
-            sink.write(sample_to_members(sample, kind, f"{i:010d}", image_format))
-            in_shard += 1
-            counts[-1] += 1
-    finally:
-        if sink is not None:
-            sink.close()
+    with write_progress(f"{kind} -> {out}", total, console) as advance:
+        try:
+            for i, sample in enumerate(samples):
+                if sink is None or in_shard >= maxcount:
+                    if sink is not None:
+                        sink.close()
+                    shard_no += 1
+                    name = f"{prefix}-{shard_no:06d}.tar"
+                    sink = wds.TarWriter(str(out / name), mtime=0)  # reproducible: no wall-clock stamps
+                    names.append(name)
+                    counts.append(0)
+                    in_shard = 0
+                sink.write(sample_to_members(sample, kind, f"{i:010d}", image_format))
+                in_shard += 1
+                counts[-1] += 1
+                advance()
+        finally:
+            if sink is not None:
+                sink.close()
     index = ShardIndex(kind, names, counts, out)
     (out / INDEX_NAME).write_text(json.dumps(index.to_json(), indent=1))
     return index

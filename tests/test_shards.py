@@ -83,3 +83,18 @@ def test_transform_and_batches(tmp_path):
     assert b["ref"].shape == (4, 3, 24, 24) and b["tgt"].shape == (4, 3, 24, 24)
     assert isinstance(b["texts"], list) and b["texts"][0] == ["make it 0", "and red"]
     assert "__stream__" not in b
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    texts = [{"text": f"caption {i}", "id": str(i)} for i in range(30)]
+    screen = io.StringIO()
+    write_shards(texts, tmp_path / "a", "text", maxcount=7, total=30,
+                 console=Console(file=screen, force_terminal=True, width=100))
+    assert "text -> " in screen.getvalue() and "30/30" in screen.getvalue()
+    log = io.StringIO()
+    index = write_shards(texts, tmp_path / "b", "text", maxcount=7, console=Console(file=log, force_terminal=False))
+    assert log.getvalue() == "" and index.counts == [7, 7, 7, 7, 2]
