@@ -86,3 +86,12 @@ def test_data_commands_are_wired(capsys, tmp_path):
     assert read_index(tmp_path / "out").total == 1
     captured = capsys.readouterr()
     assert "rows.jsonl:2" in captured.out + captured.err  # the bad row, reported with file and line
+
+
+def test_bf16_mixed_falls_back_to_16_mixed_on_gpus_without_bfloat16():
+    from cirlab.train.cli import precision_for_device
+
+    assert precision_for_device("bf16-mixed", on_cuda=True, bf16_supported=False) == "16-mixed"  # V100, T4
+    assert precision_for_device("bf16-mixed", on_cuda=True, bf16_supported=True) == "bf16-mixed"  # A100, H100
+    assert precision_for_device("bf16-mixed", on_cuda=False, bf16_supported=False) == "bf16-mixed"  # CPU autocast
+    assert precision_for_device("32-true", on_cuda=True, bf16_supported=False) == "32-true"

@@ -54,6 +54,14 @@ def quiet_known_noise() -> None:
         logging.getLogger(name).addFilter(_DropTips())
 
 
+def precision_for_device(requested: str, on_cuda: bool, bf16_supported: bool) -> str:
+    """The recipes' bf16-mixed where the GPU has bfloat16, else 16-mixed: autocast refuses bf16 on
+    pre-Ampere GPUs (V100, T4). CPU autocast runs bf16 everywhere; other precisions stay as asked."""
+    if requested == "bf16-mixed" and on_cuda and not bf16_supported:
+        return "16-mixed"
+    return requested
+
+
 class CirlabCLI(LightningCLI):
     """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
 
@@ -64,6 +72,20 @@ class CirlabCLI(LightningCLI):
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
             "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
         })
+
+    def before_instantiate_classes(self) -> None:
+        import torch
+
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.get("trainer")
+        if trainer is None or trainer.get("precision") is None:
+            return
+        requested = str(trainer.precision)
+        on_cuda = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        chosen = precision_for_device(requested, on_cuda, on_cuda and torch.cuda.is_bf16_supported())
+        if chosen != requested:
+            logging.getLogger("cirlab").warning("this GPU has no bfloat16: trainer.precision %s -> %s", requested, chosen)
+            trainer.precision = chosen
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model section with the checkpoint's hyperparameters; evaluating
