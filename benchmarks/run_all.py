@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step")
+BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step", "masking_processes")
 
 
 def main() -> None:

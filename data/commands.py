@@ -30,12 +30,16 @@ def mask_cli(argv: Sequence[str]) -> int:
                    help="word->POS table for the lexicon tagger (synthetic: the synthetic world's words)")
     p.add_argument("--reference-quirk", action="store_true",
                    help="reproduce the reference's substring replacement (see cirlab.data.masking)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="spaCy tagging processes (default 1; same output for any number)")
     a = p.parse_args(list(argv))
+    if a.processes < 1:
+        p.error(f"--processes must be at least 1, got {a.processes}")
     lexicon = None
     if a.lexicon == "synthetic":
         from cirlab.data.synthetic import LEXICON as lexicon
     masker = KeywordMasker(tagger=a.tagger, lexicon=lexicon, reference_quirk=a.reference_quirk)
-    index = mask_text_shards(a.src, a.out, masker)
+    index = mask_text_shards(a.src, a.out, masker, processes=a.processes)
     print(f"masked {index.total} captions into {a.out} ({len(index.shards)} shards, tagger {masker.tagger})")
     return 0
 

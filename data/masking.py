@@ -34,8 +34,9 @@ import os
 import random
 import re
 import tarfile
+from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.data.shards import ShardIndex, read_index, write_shards
 
@@ -94,6 +95,7 @@ class KeywordMasker:
             raise ValueError(f"unknown tagger {tagger!r}; expected 'auto', 'spacy' or 'lexicon'")
         self.reference_quirk = reference_quirk
         self.max_tokens = max_tokens
+        self.spacy_model = spacy_model
         self._rng = random.Random(seed)
         self._nlp = None
         self._lexicon: dict[str, str] | None = None
@@ -131,14 +133,28 @@ class KeywordMasker:
             caption = " ".join(caption.split())
         return caption
 
-    def tag(self, texts: Sequence[str]) -> list[list[Token]]:
-        """POS-tag cleaned texts: spaCy's nlp.pipe, or the lexicon."""
+    def tag(self, texts: Iterable[str]) -> Iterator[list[Token]]:
+        """POS-tag cleaned texts in order, streaming: spaCy's nlp.pipe, or the lexicon."""
         if self._nlp is not None:
-            return [[(t.text, t.pos_, t.idx, t.idx + len(t.text)) for t in doc]
-                    for doc in self._nlp.pipe(texts, batch_size=256)]
+            for doc in self._nlp.pipe(texts, batch_size=256):
+                yield [(t.text, t.pos_, t.idx, t.idx + len(t.text)) for t in doc]
+            return
         assert self._lexicon is not None
-        return [[(m.group(), self._lexicon.get(m.group(), "X"), m.start(), m.end())
-                 for m in _LEXICON_TOKEN.finditer(text)] for text in texts]
+        for text in texts:
+            yield [(m.group(), self._lexicon.get(m.group(), "X"), m.start(), m.end())
+                   for m in _LEXICON_TOKEN.finditer(text)]
+
+    def clean_and_tag(self, captions: Iterable[str]) -> Iterator[tuple[str, list[Token]]]:
+        """(cleaned caption, its tokens) in input order."""
+        cleaned: deque[str] = deque()
+
+        def feed() -> Iterator[str]:
+            for caption in captions:
+                cleaned.append(self.clean(caption))
+                yield cleaned[-1]
+
+        for tokens in self.tag(feed()):
+            yield cleaned.popleft(), tokens
 
     def mask(self, caption: str, rng: random.Random | None = None) -> str:
         """One caption -> its masked text with ``$`` placeholders."""
@@ -146,13 +162,35 @@ class KeywordMasker:
 
     def mask_batch(self, captions: Iterable[str], rng: random.Random | None = None) -> list[str]:
         """Many captions at once (spaCy tags them in one nlp.pipe call)."""
+        return list(self.mask_stream(captions, rng))
+
+    def mask_stream(self, captions: Iterable[str], rng: random.Random | None = None,
+                    processes: int = 1) -> Iterator[str]:
+        """Masked captions in input order, for corpora too large to hold. With ``processes`` > 1,
+        cleaning and spaCy tagging run in that many worker processes; the random fallback stays
+        here, so the output does not depend on the number of processes."""
         rng = rng if rng is not None else self._rng
-        cleaned = [self.clean(c) for c in captions]
-        out = []
-        for text, tokens in zip(cleaned, self.tag(cleaned)):
-            masked = (self._mask_quirk if self.reference_quirk else self._mask_spans)(text, tokens, rng)
-            out.append(self._finish(masked))
-        return out
+        mask = self._mask_quirk if self.reference_quirk else self._mask_spans
+        if processes > 1 and self._nlp is not None:
+            for done, text, tokens in _mask_in_workers(captions, processes, self._worker_config()):
+                yield done if done is not None else self._finish(mask(text, tokens, rng))
+            return
+        for text, tokens in self.clean_and_tag(captions):
+            yield self._finish(mask(text, tokens, rng))
+
+    def mask_unless_random(self, captions: Iterable[str]) -> Iterator[tuple[str | None, str, list[Token]]]:
+        """(masked, cleaned, tokens) per caption; masked is None where the random fallback is needed,
+        which must draw from the caller's generator, in input order."""
+        mask = self._mask_quirk if self.reference_quirk else self._mask_spans
+        for text, tokens in self.clean_and_tag(captions):
+            try:
+                yield self._finish(mask(text, tokens, _NO_RANDOM)), text, tokens
+            except _NeedsRandom:
+                yield None, text, tokens
+
+    def _worker_config(self) -> dict[str, Any]:
+        return {"tagger": "spacy", "spacy_model": self.spacy_model, "reference_quirk": self.reference_quirk,
+                "tokenizer": self.tokenizer, "max_tokens": self.max_tokens}
 
     # -- internals ---------------------------------------------------------------------------
     @staticmethod
@@ -206,6 +244,62 @@ class KeywordMasker:
         return text
 
 
+# -- worker processes --------------------------------------------------------------------------
+# Our own pool rather than nlp.pipe(n_process=...): spaCy sends whole Doc objects back, and
+# unpacking them in this process cost more than the tagging saved (no gain at 2 processes). Workers
+# clean, tag and mask; only captions that need the random fallback are finished here.
+_WORKER_MASKER: KeywordMasker | None = None
+_CHUNK = 1000  # captions per task
+
+
+class _NeedsRandom(Exception):
+    pass
+
+
+class _NoRandom:
+    """Stands in for the generator in workers: a caption that needs a random draw goes back."""
+
+    def choice(self, seq: Any) -> Any:
+        raise _NeedsRandom
+
+
+_NO_RANDOM: Any = _NoRandom()
+
+
+def _init_worker(config: dict[str, Any]) -> None:
+    global _WORKER_MASKER
+    _WORKER_MASKER = KeywordMasker(**config)
+
+
+def _mask_chunk(captions: list[str]) -> list[tuple[str | None, str, list[Token]]]:
+    assert _WORKER_MASKER is not None
+    return list(_WORKER_MASKER.mask_unless_random(captions))
+
+
+def _mask_in_workers(captions: Iterable[str], processes: int,
+                     config: dict[str, Any]) -> Iterator[tuple[str | None, str, list[Token]]]:
+    """mask_unless_random in worker processes, in input order, with at most 2 chunks per worker in
+    flight (a corpus of millions never sits in memory)."""
+    import multiprocessing
+    from itertools import islice
+
+    def chunk_stream() -> Iterator[list[str]]:
+        it = iter(captions)
+        while chunk := list(islice(it, _CHUNK)):
+            yield chunk
+
+    chunks = chunk_stream()
+    # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child would inherit broken
+    with multiprocessing.get_context("spawn").Pool(processes, _init_worker, (config,)) as pool:
+        in_flight = deque(pool.apply_async(_mask_chunk, (c,)) for c in islice(chunks, 2 * processes))
+        while in_flight:
+            done = in_flight.popleft().get()
+            following = next(chunks, None)
+            if following is not None:
+                in_flight.append(pool.apply_async(_mask_chunk, (following,)))
+            yield from done
+
+
 # -- shards ------------------------------------------------------------------------------------
 def _iter_text_samples(index: ShardIndex) -> Iterator[dict[str, Any]]:
     """Samples of a text-shard folder in order: json fields plus ``text`` from the txt member."""
@@ -228,28 +322,28 @@ def _iter_text_samples(index: ShardIndex) -> Iterator[dict[str, Any]]:
 
 
 def mask_text_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, masker: KeywordMasker,
-                     batch_size: int = 512) -> ShardIndex:
-    """Copy text shards adding a ``masked`` json field to each sample, so training does no tagging."""
+                     processes: int = 1) -> ShardIndex:
+    """Copy text shards adding a ``masked`` json field to each sample, so training does no tagging.
+    ``processes`` > 1 tags in that many spaCy worker processes (same output)."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
     index = read_index(in_dir)
     if index.kind != "text":
         raise ValueError(f"{in_dir} holds {index.kind!r} shards; mask_text_shards needs kind 'text'")
     if Path(in_dir).resolve() == Path(out_dir).resolve():
         raise ValueError(f"out_dir {out_dir} is the input folder; write the masked shards elsewhere")
+    waiting: deque[dict[str, Any]] = deque()  # samples whose captions are being tagged
+
+    def captions() -> Iterator[str]:
+        for sample in _iter_text_samples(index):
+            waiting.append(sample)
+            yield sample["text"]
 
     def masked_samples() -> Iterator[dict[str, Any]]:
-        batch: list[dict[str, Any]] = []
-        for sample in _iter_text_samples(index):
-            batch.append(sample)
-            if len(batch) >= batch_size:
-                yield from _with_masks(batch, masker)
-                batch = []
-        yield from _with_masks(batch, masker)
+        for masked in masker.mask_stream(captions(), processes=processes):
+            sample = waiting.popleft()
+            sample["masked"] = masked
+            yield sample
 
     return write_shards(masked_samples(), out_dir, kind="text", maxcount=max(index.counts, default=1000),
                         total=index.total)
-
-
-def _with_masks(batch: list[dict[str, Any]], masker: KeywordMasker) -> list[dict[str, Any]]:
-    for sample, masked in zip(batch, masker.mask_batch([s["text"] for s in batch])):
-        sample["masked"] = masked
-    return batch

@@ -155,7 +155,7 @@ def test_mask_text_shards(tmp_path, lex):
     samples = [{"id": f"cap.{i}", "text": c, "source": "unit"} for i, c in enumerate(caps)]
     write_shards(samples, tmp_path / "in", kind="text", maxcount=2)
     masker = KeywordMasker("lexicon", lexicon=LEXICON, seed=7)
-    index = mask_text_shards(tmp_path / "in", tmp_path / "out", masker, batch_size=2)
+    index = mask_text_shards(tmp_path / "in", tmp_path / "out", masker)
     assert index.kind == "text" and index.total == 5 and index.counts == [2, 2, 1]
     assert read_index(tmp_path / "out").total == 5
     got = list(wds.WebDataset(index.urls, shardshuffle=False).decode())
@@ -167,3 +167,22 @@ def test_mask_text_shards(tmp_path, lex):
     write_shards([{"id": "x", "image": b"notanimage"}], tmp_path / "img", kind="image")
     with pytest.raises(ValueError, match="kind 'text'"):
         mask_text_shards(tmp_path / "img", tmp_path / "out2", masker)
+    with pytest.raises(ValueError, match="processes must be at least 1"):
+        mask_text_shards(tmp_path / "in", tmp_path / "out3", masker, processes=0)
+
+
+@spacy_only
+@pytest.mark.parametrize("quirk", [False, True])
+def test_spacy_worker_processes_give_the_same_shards(tmp_path, quirk):
+    # "he runs" has no keyword: the random fallback must not depend on the processes
+    caps = ["A red car parked on the street.", "he runs", "two dogs playing with a ball on the grass",
+            "an old building with a clock tower"] * 150
+    write_shards([{"id": str(i), "text": c} for i, c in enumerate(caps)], tmp_path / "in", kind="text", maxcount=250)
+    one = mask_text_shards(tmp_path / "in", tmp_path / "one", KeywordMasker("spacy", seed=3, reference_quirk=quirk))
+    two = mask_text_shards(tmp_path / "in", tmp_path / "two", KeywordMasker("spacy", seed=3, reference_quirk=quirk),
+                           processes=2)
+    read = [[s["json"]["masked"] for s in wds.WebDataset(ix.urls, shardshuffle=False).decode()] for ix in (one, two)]
+    assert read[0] == read[1] and len(read[0]) == 600
+    assert read[0][0] == "$ parked on $ ."
+    fallbacks = [read[0][i] for i in range(1, 600, 4)]
+    assert set(fallbacks) == {"$ runs", "he $"}  # both draws occur: the generator really ran
