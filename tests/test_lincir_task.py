@@ -161,6 +161,6 @@ def test_bf16_mixed_trains_phi_only_and_caches_float_features(small_world, tmp_p
     assert all(v.dtype == torch.float32 for v in t.phi.state_dict().values())
     assert any(not torch.equal(phi[k], v) for k, v in t.phi.state_dict().items())
     assert all(torch.equal(tower[k], v) for k, v in t.backbone.state_dict().items())
-    cached = t._text_cache.get(t._text_cache.ids[:4] or t._text_cache._pending_ids[:4])
+    cached = t._text_cache.get(t._text_cache.ids[:4])
     assert cached.shape == (4, t.backbone.embed_dim) and cached.dtype == torch.float32
     assert t._text_cache.dir.name.endswith("-text-bfloat16")  # apart from full-precision features
