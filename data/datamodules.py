@@ -51,6 +51,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.train_prepare: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None
 
     # -- transforms from the model
     def set_transforms(self, train_transform: Callable | None, eval_transform: Callable | None = None) -> None:
@@ -61,6 +62,13 @@ class ShardDataModule(pl.LightningDataModule):
             self.train_stream.transform = self.train_transform
         if self.val_stream is not None:
             self.val_stream.transform = self.eval_transform
+
+    def set_train_prepare(self, prepare: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None) -> None:
+        """A function over each training batch's samples, run in the loader workers (the model's
+        per-sample work that needs no GPU, e.g. LinCIR's keyword masking)."""
+        self.train_prepare = prepare
+        if self.train_stream is not None:
+            self.train_stream.prepare = prepare
 
     @property
     def transform(self) -> Callable | None:
@@ -89,7 +97,7 @@ class ShardDataModule(pl.LightningDataModule):
                 self.train_source, self.kind, transform=self.train_transform, resampled=self.resampled,
                 shuffle_buffer=self.shuffle_buffer, seed=self.seed, batch_size=self.batch_size,
                 steps_per_epoch=self.steps_per_epoch, equal_steps=True, weights=self.weights,
-                rank=rank, world_size=world)
+                rank=rank, world_size=world, prepare=self.train_prepare)
             if self._pending_state is not None:
                 self.train_stream.load_state_dict(self._pending_state)
                 self._pending_state = None

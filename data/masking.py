@@ -244,6 +244,43 @@ class KeywordMasker:
         return text
 
 
+def lexicon_named(name: str | None) -> Mapping[str, str] | None:
+    """A known lexicon by name: "synthetic" (the synthetic world's words) or None."""
+    if name is None:
+        return None
+    if name == "synthetic":
+        from cirlab.data.synthetic import LEXICON
+        return LEXICON
+    raise ValueError(f"unknown lexicon {name!r}: use 'synthetic' or null")
+
+
+class MaskMissingCaptions:
+    """Adds ``masked`` to text samples whose shards were not masked ahead (`cirlab data mask`).
+    Runs in the data loader's workers over whole batches, off the training loop; each process
+    builds its own masker on first use (a spaCy pipeline does not travel between processes)."""
+
+    def __init__(self, tagger: str = "auto", lexicon: str | None = None, reference_quirk: bool = False,
+                 seed: int = 0) -> None:
+        self.config = {"tagger": tagger, "lexicon": lexicon_named(lexicon), "reference_quirk": reference_quirk,
+                       "seed": seed}
+        self._masker: KeywordMasker | None = None
+
+    def masker(self) -> KeywordMasker:
+        if self._masker is None:
+            self._masker = KeywordMasker(**self.config)
+        return self._masker
+
+    def __call__(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        todo = [s for s in samples if s.get("masked") is None]
+        if todo:
+            for sample, masked in zip(todo, self.masker().mask_batch([s["text"] for s in todo])):
+                sample["masked"] = masked
+        return samples
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "_masker": None}
+
+
 # -- worker processes --------------------------------------------------------------------------
 # Our own pool rather than nlp.pipe(n_process=...): spaCy sends whole Doc objects back, and
 # unpacking them in this process cost more than the tagging saved (no gain at 2 processes). Workers

@@ -271,9 +271,13 @@ class ShardStream(IterableDataset):
                  batch_size: int | None = None, steps_per_epoch: int | None = None,
                  equal_steps: bool | None = None, weights: Sequence[float] | None = None,
                  rank: int | None = None, world_size: int | None = None, partial: bool = True,
-                 decode_images: bool = True) -> None:
+                 decode_images: bool = True,
+                 prepare: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> None:
         self.kind = check_kind(kind)
         self.decode_images = decode_images
+        # runs on each batch's decoded samples inside the loader workers, before collation
+        # (LinCIR masks captions there, off the training loop)
+        self.prepare = prepare
         if weights is not None:
             if isinstance(source, (str, os.PathLike)) or len(source) != len(weights):
                 raise ValueError("weights need one source per weight: give a list of sources as long as weights")
@@ -506,6 +510,9 @@ class ShardStream(IterableDataset):
             except StopIteration:
                 active.remove(i)
 
+    def _prepared(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return samples if self.prepare is None else self.prepare(samples)
+
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         nw, phys = (info.num_workers, info.id) if info is not None else (1, 0)
@@ -539,19 +546,19 @@ class ShardStream(IterableDataset):
                 continue
             self.stats.add(row, "decoded")
             if self.batch_size is None:
-                item = sample
+                item = self._prepared([sample])[0]
             else:
                 batch.append(sample)
                 if len(batch) < self.batch_size:
                     continue
-                item, batch = collate(batch), []
+                item, batch = collate(self._prepared(batch)), []
             produced += 1
             item["__stream__"] = dict(meta, raw=consumed, items=produced)
             yield item
             if quota is not None and produced >= quota:
                 return
         if batch and self.partial and quota is None:
-            item = collate(batch)
+            item = collate(self._prepared(batch))
             item["__stream__"] = dict(meta, raw=consumed, items=produced + 1)
             yield item
 

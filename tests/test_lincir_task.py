@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_step_changes_only_phi_and_loss_is_mse_to_caption_features():
     t = _task(optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.01))
     t.train()
     before = {k: v.clone() for k, v in t.backbone.state_dict().items()}
-    masked = [t.masker().mask(c) for c in CAPS]
+    masked = [s["masked"] for s in t.mask_missing()([{"text": c} for c in CAPS])]
     assert all("$" in m for m in masked)
     loss = t.smp_loss(CAPS, masked)
     loss.backward()
@@ -164,3 +166,47 @@ def test_bf16_mixed_trains_phi_only_and_caches_float_features(small_world, tmp_p
     cached = t._text_cache.get(t._text_cache.ids[:4])
     assert cached.shape == (4, t.backbone.embed_dim) and cached.dtype == torch.float32
     assert t._text_cache.dir.name.endswith("-text-bfloat16")  # apart from full-precision features
+
+
+def test_unmasked_shards_are_masked_in_the_loader_workers(small_world, tmp_path, monkeypatch):
+    # the world's text shards carry no `masked` field: LinCIR has the data module's workers fill it,
+    # so the training step receives masked captions and never tags in the training process
+    from cirlab.data.masking import KeywordMasker, MaskMissingCaptions
+    from cirlab.data.synthetic import LEXICON
+
+    main_pid, call = os.getpid(), MaskMissingCaptions.__call__
+
+    def in_a_worker_only(self, samples):  # forked workers inherit this patch
+        assert os.getpid() != main_pid, "masking ran in the training process"
+        return call(self, samples)
+
+    monkeypatch.setattr(MaskMissingCaptions, "__call__", in_a_worker_only)
+    t = LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"),
+                   cache_dir=str(tmp_path), optimizer=OptimizerConfig("adamw", lr=1e-3))
+    seen = []
+
+    class Look(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((list(batch["text"]), list(batch["masked"])))
+
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=16,
+                             steps_per_epoch=4, num_workers=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Look()], limit_val_batches=0)
+    trainer.fit(t, datamodule=dm)
+    reference = KeywordMasker("lexicon", lexicon=LEXICON)
+    assert len(seen) == 4
+    for texts, masked in seen:
+        assert masked == reference.mask_batch(texts)  # the world's captions need no random fallback
+
+
+def test_lincir_installs_worker_masking_on_the_data_module(small_world):
+    from cirlab.data.masking import MaskMissingCaptions
+
+    t = _task()
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=4, num_workers=0)
+    t.configure_datamodule(dm)
+    assert isinstance(dm.train_prepare, MaskMissingCaptions)
+    batch = next(iter(dm.train_dataloader()))
+    assert all(m and "$" in m for m in batch["masked"])
+

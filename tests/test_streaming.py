@@ -302,3 +302,21 @@ def test_lightning_checkpoint_resumes_the_stream(tmp_path):
     ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
     assert ckpt["ShardDataModule"]["train"]["items"] == 3
     assert run(7, ckpt=str(tmp_path / "mid.ckpt")) == reference[3:]  # crosses into epoch 1, no replay
+
+
+def test_prepare_runs_on_each_batch_before_collation(tmp_path):
+    ids = _write(tmp_path / "p", [5, 4])
+    sizes = []
+
+    def tag(samples):
+        sizes.append(len(samples))
+        return [dict(s, tag=s["id"].upper()) for s in samples]
+
+    stream = ShardStream(tmp_path / "p", "pair", resampled=False, shuffle=False, batch_size=4, rank=0,
+                         world_size=1, equal_steps=False, prepare=tag)
+    batches = list(stream)
+    assert sizes == [4, 4, 1]  # whole batches, then the partial last one
+    assert [t for b in batches for t in b["tag"]] == [i.upper() for i in ids]
+    single = ShardStream(tmp_path / "p", "pair", resampled=False, shuffle=False, rank=0, world_size=1,
+                         equal_steps=False, prepare=tag)
+    assert [s["tag"] for s in single] == [i.upper() for i in ids]

@@ -9,7 +9,6 @@ the frozen text tower into phi. The image tower is neither loaded nor run in tra
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cirlab.data.evalset import Protocol
+from cirlab.data.masking import MaskMissingCaptions
 from cirlab.models import DOLLAR_TOKEN_ID, Phi
 from cirlab.train.base import BaseTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
@@ -58,7 +58,7 @@ class LinCIRTask(BaseTask):
         self.cache_dir = cache_dir
         self.prompt = prompt
         self.masking = masking or MaskingConfig()
-        self.rng = random.Random(seed)
+        self.seed = seed
         super().__init__(backbone, optimizer, scheduler, evaluation)
 
     def default_optimizer(self) -> OptimizerConfig:
@@ -82,18 +82,16 @@ class LinCIRTask(BaseTask):
         return self
 
     # ------------------------------------------------------------------ masking and caching
-    def masker(self):
+    def mask_missing(self) -> MaskMissingCaptions:
+        """Masking for captions whose shards carry no `masked` field (`cirlab data mask` not run)."""
         if self._masker is None:
-            from cirlab.data.masking import KeywordMasker
-
-            lexicon = None
-            if self.masking.lexicon == "synthetic":
-                from cirlab.data.synthetic import LEXICON as lexicon
-            elif self.masking.lexicon:
-                raise ValueError(f"unknown lexicon {self.masking.lexicon!r}: use 'synthetic' or null")
-            self._masker = KeywordMasker(tagger=self.masking.tagger, lexicon=lexicon,
-                                         reference_quirk=self.masking.reference_quirk)
+            self._masker = MaskMissingCaptions(self.masking.tagger, self.masking.lexicon,
+                                               self.masking.reference_quirk, self.seed)
         return self._masker
+
+    def configure_datamodule(self, dm: Any) -> None:
+        if hasattr(dm, "set_train_prepare"):
+            dm.set_train_prepare(self.mask_missing())  # in the loader workers, off the training loop
 
     def caption_features(self, captions: list[str]) -> torch.Tensor:
         """z: the frozen tower's raw features of the original captions (cached by caption when enabled)."""
@@ -134,8 +132,9 @@ class LinCIRTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions = list(batch["text"])
         masked = batch.get("masked")
-        if masked is None or any(m is None for m in masked):
-            masked = [self.masker().mask(c, self.rng) for c in captions]
+        if masked is None or any(m is None for m in masked):  # a data module without the worker hook
+            samples = self.mask_missing()([{"text": c} for c in captions])
+            masked = [s["masked"] for s in samples]
         captions = [c.lower() for c in captions]
         loss = self.smp_loss(captions, list(masked))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(captions))
