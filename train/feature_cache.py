@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 
 def autocast_tag(device_type: str) -> str:
@@ -33,10 +38,12 @@ def transform_key(transform: object) -> str:
 class FeatureCache:
     """An id -> feature-vector table on disk, loaded fully into memory.
 
-    Rows live in fixed-size blocks (files ``block-NNNNN.safetensors`` + ``.json`` ids): adding a
-    batch costs its own size, and saving rewrites only the blocks that changed. LinCIR adds and
+    In memory, rows live in fixed-size blocks: adding a batch costs its own size (LinCIR adds and
     reads every training step over corpora of millions of captions; one table re-concatenated on
-    every read (the first design) grew quadratically, a doubling buffer would copy GBs at a time.
+    every read, the first design, grew quadratically). On disk, each cache object writes only the
+    rows it computed, into its own part files (``part-<writer>-NNNNN.safetensors`` + ``.json`` ids),
+    so runs and ranks sharing the folder never overwrite each other, and a save rewrites only the
+    part that changed. Loading reads every part.
     """
 
     block_rows = 65536
@@ -47,24 +54,33 @@ class FeatureCache:
         self.ids: list[str] = []
         self.pos: dict[str, int] = {}
         self._blocks: list[torch.Tensor] = []
-        self._clean_blocks = 0  # leading blocks already on disk as they are now
+        self._writer = uuid.uuid4().hex[:12]
         self._load()
+        self._loaded = len(self.ids)  # rows after these are this object's own, saved in its parts
+        self._clean_parts = 0  # own parts written and full: never rewritten
 
     def _load(self) -> None:
-        files = sorted(self.dir.glob("block-*.safetensors"))
-        for k, path in enumerate(files):
-            ids = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else None
-            feats = load_file(str(path))["features"]
-            if path.name != f"block-{k:05d}.safetensors" or ids is None or len(ids) != feats.shape[0] or (
-                    k < len(files) - 1 and len(ids) != self.block_rows):
-                raise RuntimeError(f"feature cache {self.dir} is corrupt at {path.name}: delete the folder to rebuild it")
+        for path in sorted(self.dir.glob("*.safetensors")):
+            ids_file = path.with_suffix(".json")
+            try:
+                ids = json.loads(ids_file.read_text())
+                feats = load_file(str(path))["features"]
+                if len(ids) != feats.shape[0]:
+                    raise ValueError(f"{len(ids)} ids for {feats.shape[0]} rows")
+            except (OSError, ValueError, KeyError, SafetensorError) as err:  # cut short: rows recomputed
+                log.warning("feature cache %s: skipping %s (%s)", self.dir, path.name, err)
+                continue
             self.add(ids, feats)
-        self._clean_blocks = len(self._blocks)
 
     @property
     def features(self) -> Optional[torch.Tensor]:
         """All rows as one tensor (a copy), or None when empty."""
-        return torch.cat(self._blocks)[: len(self.ids)] if self._blocks else None
+        return self._rows(0, len(self.ids)) if self.ids else None
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        b = self.block_rows
+        return torch.cat([self._blocks[k][max(start - k * b, 0):min(stop - k * b, b)]
+                          for k in range(start // b, (stop - 1) // b + 1)])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -88,7 +104,6 @@ class FeatureCache:
             return
         rows = feats[new] if len(new) < len(ids) else feats
         done, n = 0, len(self.ids)
-        self._clean_blocks = min(self._clean_blocks, n // self.block_rows)
         while done < len(new):
             block, offset = divmod(n + done, self.block_rows)
             if block == len(self._blocks):
@@ -116,19 +131,21 @@ class FeatureCache:
         return out
 
     def save(self) -> None:
-        """Write the blocks changed since the last save (each file replaced atomically)."""
-        if not self.ids:
+        """Write the rows this object added since the last save (each file replaced atomically)."""
+        own = len(self.ids) - self._loaded
+        if own == 0:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        for k in range(self._clean_blocks, len(self._blocks)):
-            n = min(self.block_rows, len(self.ids) - k * self.block_rows)
-            path = self.dir / f"block-{k:05d}.safetensors"
+        b = self.block_rows
+        for k in range(self._clean_parts, (own - 1) // b + 1):
+            start, stop = self._loaded + k * b, self._loaded + min((k + 1) * b, own)
+            path = self.dir / f"part-{self._writer}-{k:05d}.safetensors"
             tmp = path.with_suffix(".tmp")
-            save_file({"features": self._blocks[k][:n].contiguous()}, str(tmp))
+            tmp.write_text(json.dumps(self.ids[start:stop]))
+            os.replace(tmp, path.with_suffix(".json"))  # ids first: a part without its rows is skipped
+            save_file({"features": self._rows(start, stop).contiguous()}, str(tmp))
             os.replace(tmp, path)
-            tmp.write_text(json.dumps(self.ids[k * self.block_rows:k * self.block_rows + n]))
-            os.replace(tmp, path.with_suffix(".json"))
-        self._clean_blocks = len(self.ids) // self.block_rows  # a partial last block is rewritten next time
+        self._clean_parts = own // b  # a partial last part is rewritten next time
 
     def fill(self, ids: Sequence[str], encode: Callable[[list[str]], torch.Tensor], batch_size: int = 256) -> int:
         """Encode the ids not cached yet (encode receives a list of ids); returns how many were new."""

@@ -110,7 +110,7 @@ class LinCIRTask(BaseTask):
         return self._text_cache.get(captions).to(self.device)
 
     def on_train_epoch_end(self) -> None:
-        if self._text_cache is not None and self.trainer.is_global_zero:
+        if self._text_cache is not None:  # every rank: each writes the captions it encoded, to its own part
             self._text_cache.save()
 
     # ------------------------------------------------------------------ training
