@@ -250,3 +250,25 @@ def test_ddp_ranks_each_save_their_caption_features(small_world, tmp_path):
         fresh = tower.encode_text(tower.tokenize(some))
     assert torch.allclose(cache.get(some), fresh, atol=1e-5)
     assert (tmp_path / "runs" / "lincir" / "export" / "phi.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_phi_gradients(monkeypatch):
+    # the recipes' memory saver for large towers (ViT-bigG at batch 512): same loss, same gradients
+    import open_clip.transformer as oct
+
+    calls = []
+    real = oct.checkpoint
+    monkeypatch.setattr(oct, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        t = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", grad_checkpointing=gc), noise=False,
+                       masking=MaskingConfig("lexicon", "synthetic"), cache_text_features=False)
+        t.train()
+        masked = [s["masked"] for s in t.mask_missing()([{"text": c} for c in CAPS])]
+        loss = t.smp_loss(CAPS, masked)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in t.phi.parameters()]))
+        assert bool(calls) == gc  # the text tower really ran checkpointed blocks
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
