@@ -39,6 +39,8 @@ def mask_cli(argv: Sequence[str]) -> int:
     if a.lexicon == "synthetic":
         from cirlab.data.synthetic import LEXICON as lexicon
     masker = KeywordMasker(tagger=a.tagger, lexicon=lexicon, reference_quirk=a.reference_quirk)
+    if a.processes > 1 and masker.tagger != "spacy":
+        print(f"note: --processes applies to spaCy tagging; the {masker.tagger} tagger runs in one process")
     index = mask_text_shards(a.src, a.out, masker, processes=a.processes)
     print(f"masked {index.total} captions into {a.out} ({len(index.shards)} shards, tagger {masker.tagger})")
     return 0
