@@ -65,10 +65,12 @@ class RetrievalDataModule(ShardDataModule):
         self.train_stream.decode_images = self.decode_images
         return loader
 
-    def triplet_samples(self, transform: Optional[Callable] = None, **_: Any) -> Iterator[dict[str, Any]]:
-        """One finite, unshuffled pass over every training sample (feature-cache filling)."""
+    def triplet_samples(self, transform: Optional[Callable] = None, rank: int = 0, world_size: int = 1,
+                        **_: Any) -> Iterator[dict[str, Any]]:
+        """One finite, unshuffled pass over the training samples (feature-cache filling); with
+        ``world_size`` > 1, this rank's share (shards split between ranks, none seen twice)."""
         stream = ShardStream(self.train_source, self.kind, transform=transform, resampled=False, shuffle=False,
-                             shuffle_buffer=0, batch_size=None, rank=0, world_size=1, equal_steps=False)
+                             shuffle_buffer=0, batch_size=None, rank=rank, world_size=world_size, equal_steps=False)
         for sample in stream:
             sample.pop("__stream__", None)
             yield sample

@@ -227,3 +227,54 @@ def test_frozen_gallery_is_encoded_once_and_not_decoded_again(small_world, tmp_p
     trainer.validate(task, datamodule=dm, verbose=False)
     assert len(runs) == runs_after_cache  # no image encoded again
     assert task.last_results["synthetic"]["R@10"] >= 0
+
+
+def test_ddp_ranks_share_the_stage2_cache_fill(small_world, tmp_path):
+    # 2 real processes (gloo) through the CLI: each rank encodes its share of the training shards
+    # into its own cache part, then both read both parts and train on the complete cache
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from cirlab.data.shards import write_shards
+    from cirlab.data.streaming import ShardStream
+    from cirlab.models import Backbone
+    from cirlab.train.feature_cache import FeatureCache
+
+    triplets = []
+    for s in ShardStream(small_world.path("triplets/train"), "triplet", resampled=False, shuffle=False,
+                         shuffle_buffer=0, batch_size=None, rank=0, world_size=1, equal_steps=False):
+        s.pop("__stream__", None)
+        triplets.append(s)
+    write_shards(triplets, tmp_path / "triplets", "triplet", maxcount=len(triplets) // 4 + 1)  # 4 shards
+    torch.manual_seed(0)
+    tower = Backbone("cirlab-tiny")
+    save_file({k: v.contiguous() for k, v in tower.merged_state_dict().items()}, str(tmp_path / "s1.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "cirlab.train.cli", "fit", "-c", "recipes/quickstart/combiner.yaml",
+                        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                        "--trainer.max_epochs=1", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                        "--trainer.limit_val_batches=0", f"--model.init_args.cache_dir={tmp_path / 'cache'}",
+                        f"--model.init_args.backbone.pretrained={tmp_path / 's1.safetensors'}",
+                        f"--data.init_args.train={tmp_path / 'triplets'}", "--data.init_args.val_sets=[]",
+                        "--data.init_args.steps_per_epoch=2", "--data.init_args.batch_size=16"],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (folder,) = [d for d in (tmp_path / "cache").iterdir() if "-image-" in d.name]
+    shares = [set(json.loads(p.read_text())) for p in folder.glob("part-*.json")]
+    every_image = {s[k] for s in triplets for k in ("ref_id", "tgt_id")}
+    assert len(shares) == 2 and all(0 < len(x) < len(every_image) for x in shares)  # the work was split
+    assert shares[0] | shares[1] == every_image
+    fingerprint, space = folder.name.split("-", 1)
+    cache = FeatureCache(tmp_path / "cache", fingerprint, space)
+    task = CombinerTask(stage=2, backbone=BackboneConfig("cirlab-tiny", str(tmp_path / "s1.safetensors"),
+                                                         image_transform="targetpad"))
+    task.eval()
+    first = next(iter(ShardStream(tmp_path / "triplets", "triplet", resampled=False, shuffle=False, shuffle_buffer=0,
+                                  batch_size=None, rank=0, world_size=1, equal_steps=False)))  # as re-encoded
+    with torch.no_grad():
+        fresh = task.backbone.encode_image(task.image_transform(train=False)(first["ref"])[None])
+    assert torch.allclose(cache.get([first["ref_id"]]), fresh, atol=1e-5)
+    assert (tmp_path / "runs" / "combiner" / "export" / "combiner.safetensors").is_file()

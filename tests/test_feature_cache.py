@@ -45,6 +45,17 @@ def test_transform_key_changes_with_transform():
     assert a == transform_key(build_transform(64, "targetpad"))
 
 
+def test_transform_key_is_the_same_in_another_process():
+    # the cache is shared across runs and DDP ranks: a key holding a memory address never matched
+    import subprocess
+    import sys
+
+    code = ("from cirlab.models import build_transform; from cirlab.train.feature_cache import transform_key; "
+            "print(transform_key(build_transform(64, 'targetpad')), transform_key(build_transform(64, 'clip')))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert other == [transform_key(build_transform(64, "targetpad")), transform_key(build_transform(64, "clip"))]
+
+
 class SmallBlocks(FeatureCache):
     block_rows = 256  # many blocks from a few thousand rows
 

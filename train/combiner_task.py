@@ -136,11 +136,13 @@ class CombinerTask(BaseTask):
 
     @torch.no_grad()
     def fill_feature_cache(self) -> None:
-        """Encode every training image and every text variant once (stage 2); later runs reuse them."""
+        """Encode every training image and every text variant once (stage 2); later runs reuse them.
+        Under DDP each rank encodes its share of the shards and saves it, then every rank reads all."""
         dm = self.trainer.datamodule
         fp = self.backbone.fingerprint()
         tf = self.image_transform(train=False)
-        self._image_cache = FeatureCache(self._cache_root(), fp, f"image-{transform_key(tf)}")
+        image_space = f"image-{transform_key(tf)}"
+        self._image_cache = FeatureCache(self._cache_root(), fp, image_space)
         self._text_cache = FeatureCache(self._cache_root(), fp, "text")
         was_training = self.training
         self.eval()
@@ -149,7 +151,9 @@ class CombinerTask(BaseTask):
         texts: list[str] = []
         from tqdm.auto import tqdm
 
-        samples = dm.triplet_samples(transform=tf, skip_images=self._image_cache.pos)
+        world = self.trainer.world_size
+        samples = dm.triplet_samples(transform=tf, skip_images=self._image_cache.pos,
+                                     rank=self.trainer.global_rank, world_size=world)
         for sample in tqdm(samples, desc="feature cache", unit="triplet", disable=not self.trainer.is_global_zero,
                            mininterval=2.0):
             for key, field in (("ref_id", "ref"), ("tgt_id", "tgt")):
@@ -165,9 +169,12 @@ class CombinerTask(BaseTask):
             if chunk:
                 self._text_cache.add(chunk, self.encode_texts(chunk))
                 new_texts += len(chunk)
-        if self.trainer.is_global_zero:
-            self._image_cache.save()
-            self._text_cache.save()
+        self._image_cache.save()  # each rank its own part files
+        self._text_cache.save()
+        if world > 1:  # then every rank reads every rank's parts
+            self.trainer.strategy.barrier("feature-cache")
+            self._image_cache = FeatureCache(self._cache_root(), fp, image_space)
+            self._text_cache = FeatureCache(self._cache_root(), fp, "text")
         self.train(was_training)
         self.print(f"feature cache: {len(self._image_cache)} images ({new_images} new), "
                    f"{len(self._text_cache)} texts ({new_texts} new) in {self._image_cache.dir.parent}")

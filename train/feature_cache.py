@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -31,8 +32,11 @@ def autocast_tag(device_type: str) -> str:
 
 
 def transform_key(transform: object) -> str:
-    """A short stable key for a transform (its repr lists every parameter in torchvision)."""
-    return hashlib.sha1(repr(transform).encode()).hexdigest()[:10]
+    """A short key for a transform, the same in every process: its repr lists every parameter in
+    torchvision, minus memory addresses (a plain function prints as "<function f at 0x…>", which
+    differs between runs and between DDP ranks)."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 class FeatureCache:
