@@ -65,8 +65,8 @@ class RetrievalDataModule(ShardDataModule):
         self.train_stream.decode_images = self.decode_images
         return loader
 
-    def triplet_samples(self, transform: Optional[Callable] = None, rank: int = 0, world_size: int = 1,
-                        **_: Any) -> Iterator[dict[str, Any]]:
+    def triplet_samples(self, transform: Optional[Callable] = None, rank: int = 0,
+                        world_size: int = 1) -> Iterator[dict[str, Any]]:
         """One finite, unshuffled pass over the training samples (feature-cache filling); with
         ``world_size`` > 1, this rank's share (shards split between ranks, none seen twice)."""
         stream = ShardStream(self.train_source, self.kind, transform=transform, resampled=False, shuffle=False,

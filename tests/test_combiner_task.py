@@ -233,16 +233,11 @@ def test_ddp_ranks_share_the_stage2_cache_fill(small_world, tmp_path):
     # 2 real processes (gloo) through the CLI: each rank encodes its share of the training shards
     # into its own cache part, then both read both parts and train on the complete cache
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from safetensors.torch import save_file
+    from cli_runs import fit_on_two_ranks, open_cache, save_tiny_backbone
 
     from cirlab.data.shards import write_shards
     from cirlab.data.streaming import ShardStream
-    from cirlab.models import Backbone
-    from cirlab.train.feature_cache import FeatureCache
 
     triplets = []
     for s in ShardStream(small_world.path("triplets/train"), "triplet", resampled=False, shuffle=False,
@@ -250,25 +245,18 @@ def test_ddp_ranks_share_the_stage2_cache_fill(small_world, tmp_path):
         s.pop("__stream__", None)
         triplets.append(s)
     write_shards(triplets, tmp_path / "triplets", "triplet", maxcount=len(triplets) // 4 + 1)  # 4 shards
-    torch.manual_seed(0)
-    tower = Backbone("cirlab-tiny")
-    save_file({k: v.contiguous() for k, v in tower.merged_state_dict().items()}, str(tmp_path / "s1.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "cirlab.train.cli", "fit", "-c", "recipes/quickstart/combiner.yaml",
-                        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-                        "--trainer.max_epochs=1", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-                        "--trainer.limit_val_batches=0", f"--model.init_args.cache_dir={tmp_path / 'cache'}",
-                        f"--model.init_args.backbone.pretrained={tmp_path / 's1.safetensors'}",
-                        f"--data.init_args.train={tmp_path / 'triplets'}", "--data.init_args.val_sets=[]",
-                        "--data.init_args.steps_per_epoch=2", "--data.init_args.batch_size=16"],
-                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
-    assert r.returncode == 0, r.stderr[-3000:]
+    save_tiny_backbone(tmp_path / "s1.safetensors")
+    fit_on_two_ranks("recipes/quickstart/combiner.yaml", tmp_path / "runs", "--trainer.limit_val_batches=0",
+                     f"--model.init_args.cache_dir={tmp_path / 'cache'}",
+                     f"--model.init_args.backbone.pretrained={tmp_path / 's1.safetensors'}",
+                     f"--data.init_args.train={tmp_path / 'triplets'}", "--data.init_args.val_sets=[]",
+                     "--data.init_args.steps_per_epoch=2", "--data.init_args.batch_size=16")
     (folder,) = [d for d in (tmp_path / "cache").iterdir() if "-image-" in d.name]
     shares = [set(json.loads(p.read_text())) for p in folder.glob("part-*.json")]
     every_image = {s[k] for s in triplets for k in ("ref_id", "tgt_id")}
     assert len(shares) == 2 and all(0 < len(x) < len(every_image) for x in shares)  # the work was split
     assert shares[0] | shares[1] == every_image
-    fingerprint, space = folder.name.split("-", 1)
-    cache = FeatureCache(tmp_path / "cache", fingerprint, space)
+    cache = open_cache(folder)
     task = CombinerTask(stage=2, backbone=BackboneConfig("cirlab-tiny", str(tmp_path / "s1.safetensors"),
                                                          image_transform="targetpad"))
     task.eval()

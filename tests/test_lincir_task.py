@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -217,33 +216,20 @@ def test_lincir_installs_worker_masking_on_the_data_module(small_world):
 def test_ddp_ranks_each_save_their_caption_features(small_world, tmp_path):
     # 2 real processes (gloo) through the CLI: each rank writes the captions it encoded to its own
     # cache part, and the parts hold the frozen tower's true features of those captions
-    import subprocess
-    import sys
+    from cli_runs import fit_on_two_ranks, open_cache, save_tiny_backbone
 
-    from safetensors.torch import save_file
-
-    from cirlab.models import Backbone
-    from cirlab.train.feature_cache import FeatureCache
-
-    torch.manual_seed(0)
-    tower = Backbone("cirlab-tiny")
-    save_file({k: v.contiguous() for k, v in tower.merged_state_dict().items()}, str(tmp_path / "clip.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "cirlab.train.cli", "fit", "-c", "recipes/quickstart/lincir.yaml",
-                        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-                        "--trainer.max_epochs=1", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-                        f"--model.init_args.backbone.pretrained={tmp_path / 'clip.safetensors'}",
-                        f"--model.init_args.cache_dir={tmp_path / 'cache'}", f"--data.init_args.train={small_world.path('texts')}",
-                        "--data.init_args.steps_per_epoch=3", "--data.init_args.batch_size=32",
-                        "--data.init_args.num_workers=0"],
-                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tower = save_tiny_backbone(tmp_path / "clip.safetensors")
+    fit_on_two_ranks("recipes/quickstart/lincir.yaml", tmp_path / "runs",
+                     f"--model.init_args.backbone.pretrained={tmp_path / 'clip.safetensors'}",
+                     f"--model.init_args.cache_dir={tmp_path / 'cache'}", f"--data.init_args.train={small_world.path('texts')}",
+                     "--data.init_args.steps_per_epoch=3", "--data.init_args.batch_size=32",
+                     "--data.init_args.num_workers=0")
     (folder,) = (tmp_path / "cache").iterdir()
     parts = sorted(folder.glob("*.json"))
     writers = {p.name.split("-")[1] for p in parts}
     assert len(writers) == 2  # one per rank
     per_rank = [set(json.loads(p.read_text())) for p in parts]
-    fingerprint, space = folder.name.split("-", 1)
-    cache = FeatureCache(tmp_path / "cache", fingerprint, space)
+    cache = open_cache(folder)
     assert len(cache) == len(per_rank[0] | per_rank[1]) > max(len(x) for x in per_rank)  # ranks saw different captions
     some = cache.ids[:3] + cache.ids[-3:]
     with torch.no_grad():

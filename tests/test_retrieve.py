@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
-from safetensors.torch import save_file
+
+from cli_runs import save_tiny_backbone
 
 from cirlab.data.evalset import Protocol
 from cirlab.data.retrieval import RetrievalDataModule
@@ -40,9 +41,8 @@ def gallery_dir(small_world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_clip_file(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip") / "backbone.safetensors"
-    save_file({k: v.contiguous() for k, v in Backbone("cirlab-tiny").merged_state_dict().items()}, str(path))
+    save_tiny_backbone(path)
     return path
 
 

@@ -152,8 +152,7 @@ class CombinerTask(BaseTask):
         from tqdm.auto import tqdm
 
         world = self.trainer.world_size
-        samples = dm.triplet_samples(transform=tf, skip_images=self._image_cache.pos,
-                                     rank=self.trainer.global_rank, world_size=world)
+        samples = dm.triplet_samples(transform=tf, rank=self.trainer.global_rank, world_size=world)
         for sample in tqdm(samples, desc="feature cache", unit="triplet", disable=not self.trainer.is_global_zero,
                            mininterval=2.0):
             for key, field in (("ref_id", "ref"), ("tgt_id", "tgt")):
