@@ -1,8 +1,9 @@
 """cirlab.models: torch nn.Modules only (no training logic).
 
-The open_clip backbone wrapper every method shares, the method networks (Combiner, Pic2Word's
-mapper, SEARLE/LinCIR's phi), image transforms, and import of the reference repositories'
-released checkpoints. Importing this package registers cirlab's tiny model configs with open_clip.
+The open_clip backbone wrapper every method shares, the one checkpoint reader (loading), LoRA
+(lora), the method networks (Combiner, Pic2Word's mapper, SEARLE/LinCIR's phi, FocalLens's
+conditional encoder), image transforms, and import of the reference repositories' released
+checkpoints. Importing this package registers cirlab's tiny model configs with open_clip.
 """
 
 from cirlab.models.backbone import DOLLAR_TOKEN_ID, STAR_TOKEN_ID, Backbone

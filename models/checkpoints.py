@@ -15,14 +15,13 @@ the weights; the module is returned in eval mode, in float32 (fp16 releases are 
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from cirlab.models.combiner import Combiner
+from cirlab.models.loading import CheckpointError, read_checkpoint, strip_module_prefix
 from cirlab.models.mappers import Phi, Pic2WordMapper
 
 # kind -> the top-level key that holds the module's state dict in the released file.
@@ -41,35 +40,17 @@ KINDS = tuple(_WRAPPER_KEY)
 
 
 def _load(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
-    """A file path (torch pickle with weights_only, or safetensors) or a mapping -> a mapping."""
+    """A file path (read by cirlab.models.loading.read_checkpoint) or a mapping -> a mapping."""
     if isinstance(path_or_state_dict, Mapping):
         return path_or_state_dict
     if not isinstance(path_or_state_dict, (str, os.PathLike)):
         raise TypeError(f"import_reference_checkpoint takes a file path or a state dict, "
                         f"got {type(path_or_state_dict).__name__}")
-    path = Path(path_or_state_dict)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} holds objects other than tensors and plain containers, so it cannot be "
-                         f"loaded with weights_only=True; re-save just its state dict "
-                         f"(torch.save(ckpt[...], ...)) and import that") from err
+    obj = read_checkpoint(path_or_state_dict)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+        raise CheckpointError(f"{os.fspath(path_or_state_dict)} holds a {type(obj).__name__}, not a checkpoint "
+                              "dict or state dict", "pass the file the reference repository released")
     return obj
-
-
-def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Drop a DDP/DataParallel ``module.`` prefix when every key carries it."""
-    keys = list(sd)
-    if keys and all(k.startswith("module.") for k in keys):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 def _state_dict_of(obj: Mapping[str, Any], kind: str) -> dict[str, torch.Tensor]:
@@ -78,7 +59,7 @@ def _state_dict_of(obj: Mapping[str, Any], kind: str) -> dict[str, torch.Tensor]
     inner = obj.get(wrapper, obj)
     if not isinstance(inner, Mapping):
         raise ValueError(f"{kind} checkpoint: entry {wrapper!r} is a {type(inner).__name__}, not a state dict")
-    return _strip_prefix(inner)
+    return strip_module_prefix(inner)
 
 
 def _looks_like(obj: Mapping[str, Any]) -> str | None:

@@ -1,5 +1,5 @@
-"""Backbone checks on tiny random-init open_clip models: tokens, pseudo-token and conditioned encoders,
-checkpoint formats, freezing, LoRA and errors."""
+"""Backbone checks on tiny random-init open_clip models: tokens, the pseudo-token encoder, checkpoint
+formats, freezing, LoRA and errors (FocalLens's conditioned encoder: tests/test_focallens.py)."""
 
 import copy
 
@@ -15,7 +15,7 @@ TINY = "cirlab-tiny"
 @pytest.fixture(scope="module")
 def bb():
     torch.manual_seed(0)
-    b = Backbone(TINY, conditioning=True)
+    b = Backbone(TINY)
     return b.eval()
 
 
@@ -107,58 +107,6 @@ def test_pseudo_token_missing_placeholder_raises(bb):
         bb.encode_text_with_pseudo_tokens(tok, torch.zeros(2, bb.token_dim))
     with pytest.raises(ValueError, match="pseudo must be"):
         bb.encode_text_with_pseudo_tokens(tok[:1], torch.zeros(1, bb.token_dim + 1))
-
-
-# ----------------------------------------------------------------------------- conditioned image encoder
-def test_conditioned_without_instruction_is_exact(bb):
-    img = _images(3)
-    with torch.no_grad():
-        plain = bb.encode_image(img)
-        assert torch.equal(bb.encode_image_conditioned(img, None), plain)
-        assert torch.equal(bb.encode_image_conditioned(img, bb.tokenize(["", "", ""])), plain)
-        mixed = bb.encode_image_conditioned(img, bb.tokenize(["", "what colour is it", ""]))
-    torch.testing.assert_close(mixed[[0, 2]], plain[[0, 2]], atol=1e-6, rtol=0)
-    assert (mixed[1] - plain[1]).abs().max() > 1e-3
-
-
-def test_conditioned_instruction_changes_output_and_trains_projection():
-    torch.manual_seed(0)
-    b = Backbone(TINY, conditioning=True).eval()
-    img = _images(2)
-    tok = b.tokenize(["what colour is the shape", "how many objects"])
-    out = b.encode_image_conditioned(img, tok)
-    with torch.no_grad():
-        plain = b.encode_image(img)
-    assert out.shape == plain.shape and (out.detach() - plain).abs().max() > 1e-3
-    out.pow(2).sum().backward()
-    assert b.instruction_proj.weight.grad is not None and b.instruction_proj.weight.grad.abs().sum() > 0
-    assert b.model.visual.conv1.weight.grad.abs().sum() > 0
-    # different instructions give different features for the same image
-    with torch.no_grad():
-        a = b.encode_image_conditioned(img[:1], b.tokenize(["what colour is it"]))
-        c = b.encode_image_conditioned(img[:1], b.tokenize(["where is it"]))
-    assert (a - c).abs().max() > 1e-4
-
-
-def test_conditioned_padding_is_masked(bb):
-    # a short instruction gives the same feature alone and next to a longer one (its padding is masked)
-    img = _images(2)
-    short, long_ = "red", "what is the colour of the big shape on the left side"
-    with torch.no_grad():
-        alone = bb.encode_image_conditioned(img[:1], bb.tokenize([short]))
-        batched = bb.encode_image_conditioned(img, bb.tokenize([short, long_]))
-        long_alone = bb.encode_image_conditioned(img[1:], bb.tokenize([long_]))
-    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched[1:], long_alone, atol=1e-5, rtol=0)
-
-
-def test_conditioned_errors():
-    img = _images(1)
-    plain = Backbone(TINY)
-    with pytest.raises(RuntimeError, match="conditioning=True"):
-        plain.encode_image_conditioned(img, plain.tokenize(["what colour"]))
-    with pytest.raises(NotImplementedError, match="VisionTransformer"):
-        Backbone("cirlab-tiny-rn", conditioning=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints
