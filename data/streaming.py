@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
+from cirlab.data.images import to_rgb
 from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
 from cirlab.data.shards import INDEX_NAME, read_index
 
@@ -81,7 +82,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")  # skip a copy for RGB JPEGs
+        return to_rgb(img)  # 16-bit images scaled to 8 bits, not clipped; no copy for RGB JPEGs
     except Exception as exn:  # PIL raises many types for broken data
         raise DecodeError("image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 
