@@ -1,0 +1,150 @@
+"""FocalLens-CLIP (our design, METHODS.md "FocalLens"): an open_clip ViT conditioned on an instruction.
+
+The instruction is tokenized and run through the CLIP text tower; its per-token features after
+ln_final (SOT .. EOT, the causal tower's prefix encodings) are projected to the ViT width and inserted
+after the class token of the ViT's input sequence. The conditional embedding is the ViT's usual pooled
+output over the class and patch tokens (instruction tokens dropped before pooling), projected as usual.
+
+Gate, and why it is not on the attention logits: with a gate that is exactly zero at init, any gate
+on logits or keys must be a -inf bias, whose gradient is zero (the gate could never open). So:
+- the class and patch tokens never attend to instruction tokens (an additive -inf mask on those
+  keys); instruction tokens attend to every image token and to themselves only (so padding after a
+  short instruction's EOT, and the batch's longest instruction, change nothing: one (S, S) mask);
+- after each block, every image token gets ``gate[l] * mean(valid instruction tokens)`` added
+  (a per-layer, per-channel gate, zero-initialised, as LayerScale/Flamingo's tanh gates).
+With gate = 0 the image tokens run exactly the plain ViT (masked keys get softmax weight 0), so the
+untrained model gives the plain CLIP image feature; an empty instruction (no word between SOT and
+EOT) skips the instruction path altogether, and so does a closed gate without autograd (inference of
+an untrained model: the result is the same, up to float rounding, ~1e-6 at ViT-B/16). The gate receives gradient from the first step; the
+projection does once the gate is non-zero (as with every zero-gated adapter).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cirlab.models.backbone import Backbone
+
+_SOT_ID, _EOT_ID = 49406, 49407
+
+
+class FocalLens(nn.Module):
+    """The instruction projection and per-layer gates; the towers stay in the Backbone passed to calls."""
+
+    def __init__(self, text_width: int, vision_width: int, vision_layers: int) -> None:
+        super().__init__()
+        self.instruction_proj = nn.Linear(text_width, vision_width)
+        self.gate = nn.Parameter(torch.zeros(vision_layers, vision_width))
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone) -> "FocalLens":
+        """Sized for `backbone`'s text width and ViT width/depth (an open_clip VisionTransformer)."""
+        vit = backbone.vision_transformer("FocalLens")
+        return cls(backbone.token_dim, vit.transformer.width, len(vit.transformer.resblocks))
+
+    # ------------------------------------------------------------------ instructions
+    @staticmethod
+    def instruction_lengths(backbone: Backbone, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens per instruction up to and including EOT; 0 for an empty instruction (no word)."""
+        sot = getattr(backbone.tokenizer, "sot_token_id", _SOT_ID)
+        eot = getattr(backbone.tokenizer, "eot_token_id", _EOT_ID)
+        words = (tokens != 0) & (tokens != sot) & (tokens != eot)
+        lengths = tokens.argmax(dim=1) + 1  # EOT has the largest id
+        return torch.where(words.any(dim=1), lengths, torch.zeros_like(lengths))
+
+    def encode_instructions(self, backbone: Backbone, instructions: Sequence[str] | torch.Tensor,
+                            device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected instruction tokens (B, n, vision width), lengths (B,)) with n the longest length.
+
+        The text tower runs without autograd when none of its parameters trains (frozen by default).
+        """
+        device = device or self.instruction_proj.weight.device
+        tokens = instruction_tokens(backbone, instructions).to(device)
+        lengths = self.instruction_lengths(backbone, tokens)
+        n = max(int(lengths.max()), 1) if lengths.numel() else 1
+        text_trains = any(p.requires_grad for p in backbone.text_parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
+            feats = backbone.text_token_features(tokens[:, :n])  # causal: a prefix needs no later tokens
+        return self.instruction_proj(feats.to(self.instruction_proj.weight.dtype)), lengths
+
+    # ------------------------------------------------------------------ images
+    def forward(self, backbone: Backbone, images: torch.Tensor,
+                instructions: Sequence[str] | torch.Tensor | None) -> torch.Tensor:
+        """Raw conditional image features (B, D); rows with an empty (or no) instruction = encode_image."""
+        if instructions is None:
+            return backbone.encode_image(images)
+        instr, lengths = self.encode_instructions(backbone, instructions, images.device)
+        if instr.shape[0] != images.shape[0]:
+            raise ValueError(f"{instr.shape[0]} instructions for {images.shape[0]} images; pass one per image")
+        return self.encode_images(backbone, images, instr, lengths)
+
+    def encode_images(self, backbone: Backbone, images: torch.Tensor, instr: torch.Tensor,
+                      lengths: torch.Tensor) -> torch.Tensor:
+        """Conditional features of `images` given encoded instructions: (B, n, W) or one (1, n, W) for all."""
+        if instr.shape[0] == 1 and images.shape[0] != 1:  # one instruction for a whole gallery batch
+            instr, lengths = instr.expand(images.shape[0], -1, -1), lengths.expand(images.shape[0])
+        non_empty = lengths > 0
+        # a closed gate (all zero) lets nothing in: without autograd (nothing to learn) skip the work
+        closed = not torch.is_grad_enabled() and not bool(self.gate.any())
+        if closed or not bool(non_empty.any()):
+            return backbone.encode_image(images)
+        if bool(non_empty.all()):
+            return self._conditioned(backbone, images, instr, lengths)
+        # mixed batch: plain rows through the untouched path, so they equal encode_image exactly
+        cond = self._conditioned(backbone, images[non_empty], instr[non_empty], lengths[non_empty])
+        plain = backbone.encode_image(images[~non_empty])
+        out = cond.new_empty((images.shape[0], cond.shape[1]))
+        out[non_empty] = cond
+        out[~non_empty] = plain.to(cond.dtype)
+        return out
+
+    @staticmethod
+    def attention_mask(n_image: int, n_instr: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive (S, S) mask for [class, instruction tokens, patches]: image queries skip instruction
+        keys; instruction queries see the image tokens and themselves."""
+        seq = n_image + n_instr
+        is_instr = torch.zeros(seq, dtype=torch.bool, device=device)
+        is_instr[1:1 + n_instr] = True
+        blocked = is_instr.unsqueeze(0) & ~torch.eye(seq, dtype=torch.bool, device=device)
+        mask = torch.zeros(seq, seq, dtype=dtype, device=device)
+        return mask.masked_fill_(blocked, float("-inf"))
+
+    def _conditioned(self, backbone: Backbone, images: torch.Tensor, instr: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+        vit = backbone.vision_transformer("FocalLens")
+        x = vit._embeds(images)  # open_clip's own embedding (conv, class token, positions, ln_pre)
+        n = instr.shape[1]
+        x = torch.cat([x[:, :1], vit.ln_pre(instr.to(x.dtype)), x[:, 1:]], dim=1)
+        mask = self.attention_mask(x.shape[1] - n, n, x.dtype, x.device)
+        valid = (torch.arange(n, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)
+        weights = (valid / valid.sum(dim=1, keepdim=True).clamp(min=1)).unsqueeze(-1)  # (B, n, 1)
+        is_image = torch.ones(x.shape[1], 1, dtype=x.dtype, device=x.device)
+        is_image[1:1 + n] = 0
+        stack = vit.transformer
+        for layer, block in enumerate(stack.resblocks):
+            if stack.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, None, mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=mask)
+            cond = (x[:, 1:1 + n] * weights).sum(dim=1, keepdim=True)  # mean of the valid instruction tokens
+            x = x + is_image * (self.gate[layer].to(x.dtype) * cond)
+        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)  # pool over class + patch tokens only
+        pooled, _ = vit._pool(x)
+        if vit.proj is not None:
+            pooled = pooled @ vit.proj
+        return pooled
+
+
+def instruction_tokens(backbone: Backbone, instructions: Sequence[str] | torch.Tensor) -> torch.Tensor:
+    """Token ids (B, L) for instruction strings (None counts as empty), or the tensor as given."""
+    if isinstance(instructions, torch.Tensor):
+        if instructions.dim() != 2:
+            raise ValueError(f"instruction tokens must be (B, L), got shape {tuple(instructions.shape)}")
+        return instructions
+    if isinstance(instructions, str):
+        raise TypeError("pass a list of instructions (one per image), not a single string")
+    return backbone.tokenize(["" if t is None else str(t) for t in instructions])

@@ -1,0 +1,116 @@
+"""FocalLens conditional encoder on tiny open_clip ViTs: exact fallback, gating, padding, gradients, LoRA."""
+
+import pytest
+import torch
+
+from cirlab.models.backbone import Backbone
+from cirlab.models.focallens import FocalLens
+
+TINY = "cirlab-tiny"
+
+
+def _images(n=3, size=64, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    bb = Backbone(TINY, freeze_text=True).eval()
+    return bb, FocalLens.for_backbone(bb)
+
+
+def _open_gate(fl, seed=1, scale=0.5):
+    with torch.no_grad():
+        fl.gate.copy_(torch.randn(fl.gate.shape, generator=torch.Generator().manual_seed(seed)) * scale)
+
+
+def test_untrained_and_empty_equal_plain_clip(model):
+    bb, fl = model
+    img = _images(3)
+    instructions = ["what colour is the circle?", "how many objects are there?", "where is it"]
+    # gate = 0 at init: the computed path (autograd on, as in training) gives the plain feature ...
+    torch.testing.assert_close(fl(bb, img, instructions).detach(), bb.encode_image(img).detach(), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        plain = bb.encode_image(img)
+        assert torch.equal(fl(bb, img, instructions), plain)  # ... and inference skips the closed gate
+        assert torch.equal(fl(bb, img, None), plain) and torch.equal(fl(bb, img, ["", "", ""]), plain)
+        gated = FocalLens.for_backbone(bb)
+        _open_gate(gated)
+        mixed = gated(bb, img, ["", "what colour is it", ""])
+    torch.testing.assert_close(mixed[[0, 2]], plain[[0, 2]], atol=1e-6, rtol=0)  # empty rows: plain
+    assert (mixed[1] - plain[1]).abs().max() > 1e-3  # an open gate lets the instruction in
+
+
+def test_vit_b16_untrained_equals_plain():
+    torch.manual_seed(0)
+    bb = Backbone("ViT-B-16").eval()
+    fl = FocalLens.for_backbone(bb)
+    img = _images(2, size=224)
+    with torch.no_grad():
+        plain = bb.encode_image(img)
+    got = fl(bb, img, ["focus on the colour of the car", "what is on the table"]).detach()  # computed path
+    torch.testing.assert_close(got, plain, atol=5e-6, rtol=0)  # float rounding of the masked attention
+    assert fl.gate.shape == (12, 768) and fl.instruction_proj.weight.shape == (768, 512)
+
+
+def test_instructions_differ_and_padding_is_invariant(model):
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb)
+    _open_gate(fl, seed=2)
+    img = _images(2)
+    short, long_ = "red", "what is the colour of the big shape on the left side"
+    with torch.no_grad():
+        a = fl(bb, img[:1], ["what colour is it"])
+        c = fl(bb, img[:1], ["where is it"])
+        alone = fl(bb, img[:1], [short])
+        batched = fl(bb, img, [short, long_])
+        long_alone = fl(bb, img[1:], [long_])
+    assert (a - c).abs().max() > 1e-4
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[1:], long_alone, atol=1e-5, rtol=0)
+
+
+def test_one_instruction_for_a_gallery_equals_per_image(model):
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb)
+    _open_gate(fl, seed=3)
+    img = _images(4)
+    with torch.no_grad():
+        instr, lengths = fl.encode_instructions(bb, ["what colour is the square?"])
+        once = fl.encode_images(bb, img, instr, lengths)
+        each = fl(bb, img, ["what colour is the square?"] * 4)
+    torch.testing.assert_close(once, each, atol=1e-6, rtol=0)
+
+
+def test_gradients_gate_projection_vision_never_frozen_text():
+    torch.manual_seed(0)
+    bb = Backbone(TINY, freeze_text=True).train()
+    fl = FocalLens.for_backbone(bb)
+    img = _images(2)
+    fl(bb, img, ["what colour is the shape", "how many"]).pow(2).sum().backward()
+    assert fl.gate.grad is not None and fl.gate.grad.abs().sum() > 0  # the closed gate gets gradient
+    assert all(p.grad is None for p in bb.text_parameters())
+    _open_gate(fl, seed=4, scale=0.1)
+    fl.zero_grad(), bb.zero_grad()
+    fl(bb, img, ["what colour is the shape", "how many"]).pow(2).sum().backward()
+    assert fl.instruction_proj.weight.grad.abs().sum() > 0
+    assert bb.model.visual.conv1.weight.grad.abs().sum() > 0
+    assert bb.model.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.text_parameters())
+
+
+def test_lora_vision_tower():
+    torch.manual_seed(0)
+    bb = Backbone(TINY, freeze_text=True, lora={"r": 2, "towers": ["image"]})
+    fl = FocalLens.for_backbone(bb)
+    _open_gate(fl, seed=5, scale=0.1)
+    fl(bb, _images(2), ["what colour", "where"]).pow(2).sum().backward()
+    grads = {n: p.grad for n, p in bb.model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n and n.startswith("visual.") for n in grads)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n or "lora_B" in n)
+
+
+def test_resnet_is_refused():
+    with pytest.raises(NotImplementedError, match="VisionTransformer"):
+        FocalLens.for_backbone(Backbone("cirlab-tiny-rn"))
