@@ -7,8 +7,9 @@ adds what distributed training needs and plain ``wds.WebDataset`` pipelines leav
   slots, every slot reads every shard and keeps every n-th sample instead;
 * resampled (infinite, shards drawn with replacement) or finite (each shard once per pass);
 * seeded shuffling (shard order + a sample buffer) that changes with the epoch and is reproducible;
-* decode errors (corrupt member, truncated tar, undecodable image) logged, counted in a
-  counter shared with the workers (``stream.errors``) and skipped, never fatal;
+* decode errors (corrupt member, truncated tar, undecodable image) logged once per shard and
+  reason (then counted, with one summary line), counted in a counter shared with the workers
+  (``stream.errors``) and skipped, never fatal; a shard set with 0 samples is a CirlabError;
 * equal steps on every rank: an epoch is a fixed number of items (batches) per rank
   (``total // (world * batch_size)`` from index.json, or given); slots whose shards run out
   start another pass over them, slots with more data stop early;
@@ -16,7 +17,11 @@ adds what distributed training needs and plain ``wds.WebDataset`` pipelines leav
 * a resumable position: every item carries ``__stream__`` metadata, the consumer hands the item
   to ``stream.observe`` (``StreamLoader`` and ``ShardDataModule`` do this), and
   ``state_dict`` / ``load_state_dict`` restart the stream right after the last observed item.
-  Resuming regenerates the raw (undecoded) sample order and drops consumed samples before decoding.
+  The position of each slot is (shard visit, offset) per pool plus the references of the samples
+  waiting in its shuffle buffer; every random choice is a hash of a counter, so a resume opens only
+  the current shard and the few its buffer holds samples of, never the shards already finished
+  (resampled mode replays no draw). With another number of ranks or workers, the epoch's unread
+  shards are split over the new slots: no sample replayed; order differs (data/stream_resume.py).
 
 Batches are formed inside the stream (``batch_size``), so the DataLoader runs with
 ``batch_size=None``; each worker yields whole batches, which keeps the per-worker position exact.
@@ -45,14 +50,17 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from cirlab.data.images import to_rgb
 from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
 from cirlab.data.shards import INDEX_NAME, read_index
+from cirlab.data.stream_resume import assign, describe, split_items
+from cirlab.errors import CirlabError
 
 log = logging.getLogger(__name__)
 
 # Why a sample (or the rest of a shard) was skipped; "decoded" counts successful decodes.
 REASONS = ("tar", "json", "missing", "image", "text")
-_COLUMNS = REASONS + ("decoded",)
+_COLUMNS = REASONS + ("decoded", "opened")  # "opened": shard files opened (resume costs)
 _MAX_SLOTS = 257  # row 0: main process; row 1 + w: DataLoader worker w
-_MAX_WARNINGS = 20  # per process; later errors are only counted
+_MAX_WARNINGS = 20  # distinct (shard, reason) warnings per process; later errors are only counted
+_STATE_FORMAT = 2  # position by (shard visit, offset) per slot
 
 
 class DecodeError(Exception):
@@ -240,23 +248,6 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def _shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Reservoir-style shuffle: keep ``size`` items, emit a random one for every new one."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[Any] = []
-    for x in items:
-        if len(buf) < size:
-            buf.append(x)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = x
-    rng.shuffle(buf)
-    yield from buf
-
-
 # --------------------------------------------------------------------------- the stream
 
 
@@ -290,6 +281,9 @@ class ShardStream(IterableDataset):
             self.pools = [resolve_source(source)]
             self.weights = [1.0]
         for pool in self.pools:
+            if not pool.urls or pool.total == 0:
+                raise CirlabError(f"the shard set {_where(pool)} is empty: it holds 0 samples",
+                                  "convert data into it first (cirlab data convert), or point at another folder")
             if pool.kind is not None and pool.kind != kind:
                 raise ValueError(f"shards {pool.urls[0]} hold kind {pool.kind!r}, not {kind!r}: "
                                  f"pass kind={pool.kind!r} or point at other shards")
@@ -353,11 +347,19 @@ class ShardStream(IterableDataset):
         """How many samples were decoded (resume skips samples without decoding them)."""
         return self.stats.counts()["decoded"]
 
+    @property
+    def shards_opened(self) -> int:
+        """How many shard files were opened (a resume opens the current shard and those its buffer needs)."""
+        return self.stats.counts()["opened"]
+
     # -- position
     def _reset_position(self) -> None:
         self._items = 0  # items observed in this epoch
-        self._pos: dict[int, tuple[int, int]] = {}  # logical worker -> (raw consumed, items)
+        # logical worker -> {"snap": its slot's position after its last observed item, "produced": items}
+        self._pos: dict[int, dict[str, Any]] = {}
         self._workers: int | None = None
+        self._loaded: dict[str, Any] | None = None  # a saved position this epoch resumes from
+        self._plans: dict[int, dict[int, dict[str, Any]]] = {}  # num_workers -> logical worker -> start
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` (a new shuffle); setting the current epoch keeps the position."""
@@ -371,7 +373,7 @@ class ShardStream(IterableDataset):
         if meta is None or meta["stream"] != self._uid or meta["epoch"] != self.epoch:
             return item
         self._workers = meta["workers"]
-        self._pos[meta["worker"]] = (meta["raw"], meta["items"])
+        self._pos[meta["worker"]] = {"snap": meta["snap"], "produced": meta["items"]}
         self._items += 1
         if self.steps is not None and self._items >= self.steps:
             self.end_epoch()
@@ -383,10 +385,18 @@ class ShardStream(IterableDataset):
         self._reset_position()
 
     def state_dict(self, all_ranks: bool = True) -> dict[str, Any]:
-        """Position (epoch, items, per-worker raw samples consumed); gathers every rank's if distributed."""
-        local = {"epoch": self.epoch, "items": self._items, "workers": self._workers,
-                 "pos": {str(k): list(v) for k, v in self._pos.items()}, "seed": self.seed,
-                 "rank": self.rank, "world_size": self.world_size}
+        """Position: epoch, items, and per logical worker its slot's (shard visit, offset) per pool,
+        mixing and shuffle-buffer state; gathers every rank's entry if distributed."""
+        nw = self._workers
+        starts = self._starts(nw) if nw is not None else {}
+        pos = {}
+        for w, start in starts.items():
+            now = self._pos.get(w)
+            pos[str(w)] = {"layout": start["layout"], "snap": now["snap"] if now else start["snap"],
+                           "produced": now["produced"] if now else start["produced"]}
+        local = {"format": _STATE_FORMAT, "epoch": self.epoch, "items": self._items, "workers": nw,
+                 "pos": pos, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                 "resampled": self.resampled, "batch_size": self.batch_size}
         state: dict[str, Any] = {"ranks": {str(self.rank): local}, **local}
         if all_ranks and self.world_size > 1 and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() == self.world_size:
@@ -396,35 +406,109 @@ class ShardStream(IterableDataset):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position: this rank's entry if present, else the top-level one."""
-        if state.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(f"stream state was saved with world_size {state['world_size']}, this run has "
-                             f"{self.world_size}: resume with the same number of ranks")
-        mine = state.get("ranks", {}).get(str(self.rank))
-        if mine is None:
-            log.warning("stream state has no entry for rank %d; using rank %s's position", self.rank,
-                        state.get("rank"))
-            mine = state
-        self.epoch = int(mine["epoch"])
-        self._items = int(mine["items"])
-        self._workers = mine.get("workers")
-        self._pos = {int(k): (int(v[0]), int(v[1])) for k, v in mine.get("pos", {}).items()}
+        """Continue from a saved position. With the same ranks and workers the order continues
+        exactly; with other numbers the epoch's unread shards are split over the new slots
+        (no sample replayed; order differs)."""
+        if state.get("format") != _STATE_FORMAT:
+            raise CirlabError("this stream position was saved by an older cirlab (it lacks per-shard offsets)",
+                              "resume from a checkpoint saved at an epoch end, or restart the run")
+        ranks = state.get("ranks") or {str(state.get("rank", 0)): state}
+        old_world = int(state.get("world_size", 1))
+        if len(ranks) != old_world:
+            raise CirlabError(f"the stream position holds {len(ranks)} of the {old_world} ranks that saved it",
+                              "save checkpoints with torch.distributed initialised on every rank")
+        self.epoch = int(state["epoch"])
+        self._reset_position()
+        self._loaded = {"ranks": ranks, "world_size": old_world}
+        items = int(state["items"])
+        self._items = items if old_world == self.world_size else split_items(items, old_world, self.world_size)
+        if self.steps is not None:
+            self._items = min(self._items, self.steps)
         if self.seed != state.get("seed", self.seed):
             log.warning("stream seed changed from %s to %s: the resumed order will differ",
                         state.get("seed"), self.seed)
+        if old_world != self.world_size:
+            log.warning("resuming a stream saved on %s with %d rank(s): the epoch's unread shards are split "
+                        "over the new ranks (no sample replayed; order differs)", describe(state), self.world_size)
+
+    def _fresh_layout(self) -> dict[str, Any]:
+        return {"units": [[] for _ in self.pools], "base": [0] * len(self.pools), "salt": ""}
+
+    def _starts(self, nw: int) -> dict[int, dict[str, Any]]:
+        """Where each logical worker of this rank starts this epoch with ``nw`` workers:
+        {"layout", "snap" (None: the beginning), "produced"}; the same in workers and main process."""
+        if nw in self._plans:
+            return self._plans[nw]
+        loaded = self._loaded
+        mine = None if loaded is None else loaded["ranks"].get(str(self.rank))
+        if loaded is None:
+            plan = {w: {"layout": self._fresh_layout(), "snap": None, "produced": 0} for w in range(nw)}
+        elif loaded["world_size"] == self.world_size and mine is not None and \
+                (mine.get("workers") in (None, nw) or not mine.get("pos")):
+            saved = mine.get("pos") or {}
+            plan = {}
+            for w in range(nw):
+                e = saved.get(str(w))
+                plan[w] = ({"layout": e["layout"], "snap": e["snap"], "produced": int(e["produced"])} if e else
+                           {"layout": self._fresh_layout(), "snap": None,
+                            "produced": len(range(w, self._items, nw))})
+        else:
+            plan = self._resplit(nw)
+        self._plans[nw] = plan
+        return plan
+
+    def _resplit(self, nw: int) -> dict[int, dict[str, Any]]:
+        """Unread first-pass work of every saved slot, split over this layout's slots."""
+        assert self._loaded is not None
+        work: list[tuple[int, list]] = []
+        for r in sorted(self._loaded["ranks"], key=int):
+            entry = self._loaded["ranks"][r]
+            old_nw = entry.get("workers") or 1
+            old_nslots = int(entry["world_size"]) * old_nw
+            saved = entry.get("pos") or {}
+            for w in range(old_nw):
+                e = saved.get(str(w))
+                slot = int(entry["rank"]) * old_nw + w
+                layout = e["layout"] if e else self._fresh_layout()
+                snap = e["snap"] if e else None
+                work += _Slot.unread(self, slot, old_nslots, layout, snap)
+        nslots = self.world_size * nw
+        parts = assign(work, [p.counts for p in self.pools], nslots)
+        log.warning("stream position saved with another layout: %d unread shard part(s) split over %d slot(s) "
+                    "(no sample replayed; order differs)", len(work), nslots)
+        plan = {}
+        for w in range(nw):
+            slot = self.rank * nw + w
+            readers = [_PoolReader(self, p, slot, nslots, True, 0, self._fresh_layout(), None)
+                       for p in range(len(self.pools))]
+            base = [0 if self.resampled else len(rd.mine) for rd in readers]
+            layout = {"units": parts[slot], "base": base, "salt": f"split{nslots}@{self._items}"}
+            plan[w] = {"layout": layout, "snap": None, "produced": len(range(w, self._items, nw))}
+        return plan
 
     # -- reading
-    def _warn(self, reason: str, where: str, message: str) -> None:
-        self._warned = getattr(self, "_warned", 0) + 1
-        if self._warned <= _MAX_WARNINGS:
-            log.warning("skipped %s (%s): %s", where, reason, message)
-        elif self._warned == _MAX_WARNINGS + 1:
-            log.warning("more shard errors: counted in stream.errors, no longer logged")
+    def _warn(self, reason: str, where: str, message: str, url: str | None = None) -> None:
+        """Log a skipped sample or shard once per (shard, reason); later ones are counted and summed up."""
+        warned = self.__dict__.setdefault("_warned", set())
+        key = (url or where, reason)
+        if key in warned or len(warned) >= _MAX_WARNINGS:
+            self._quiet = getattr(self, "_quiet", 0) + 1
+            return
+        warned.add(key)
+        log.warning("skipped %s (%s): %s", where, reason, message)
 
-    def _iter_shard(self, url: str, expected: int | None, row: int, report: bool) -> Iterator[dict[str, Any]]:
-        """Raw samples (member bytes by extension) of one tar; a read error ends the shard, counted once."""
+    def _warn_summary(self) -> None:
+        quiet = getattr(self, "_quiet", 0)
+        if quiet:
+            log.warning("%d more skipped sample(s)/shard read(s) in shards already reported (counted in "
+                        "stream.errors)", quiet)
+            self._quiet = 0
+
+    def _iter_shard(self, url: str, expected: int | None, row: int, report: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(offset, raw sample) of one tar; a read error ends the shard, counted once."""
         current: dict[str, Any] | None = None
         seen = 0
+        self.stats.add(row, "opened")
         try:
             with gopen(url, "rb") as stream:
                 for f in tar_file_iterator(stream):
@@ -433,83 +517,23 @@ class ShardStream(IterableDataset):
                         continue
                     if current is not None and current["__key__"] != prefix:
                         seen += 1
-                        yield current
+                        yield seen - 1, current
                         current = None
                     if current is None:
                         current = {"__key__": prefix, "__url__": url}
                     current[suffix.lower()] = f["data"]
             if current is not None:
                 seen += 1
-                yield current
+                yield seen - 1, current
                 current = None
             if expected is not None and seen < expected and report:
                 self.stats.add(row, "tar")
-                self._warn("tar", url, f"shard ended after {seen} of {expected} samples (truncated?)")
+                self._warn("tar", url, f"shard ended after {seen} of {expected} samples (truncated?)", url)
         except Exception as exn:  # truncated or corrupt tar, unreadable file: the rest of the shard is lost
             if report:
                 self.stats.add(row, "tar")
                 key = f" near key {current['__key__']}" if current else ""
-                self._warn("tar", url, f"unreadable after {seen} samples{key}: {type(exn).__name__}: {exn}")
-
-    def _pool_stream(self, p: int, slot: int, nslots: int, cycle: bool, row: int) -> Iterator[dict[str, Any]]:
-        """Raw samples of pool p for one slot (rank x logical worker)."""
-        pool = self.pools[p]
-        n = len(pool.urls)
-        count = (lambda i: None) if pool.counts is None else (lambda i: pool.counts[i])  # noqa: E731
-        if self.resampled:
-            rng = random.Random(_seed(self.seed, self.epoch, p, slot, "resample"))
-            empty = 0
-            while True:
-                i = rng.randrange(n)
-                got = False
-                for raw in self._iter_shard(pool.urls[i], count(i), row, True):
-                    got = True
-                    yield raw
-                empty = 0 if got else empty + 1
-                if empty > 10 * n + 10:
-                    raise RuntimeError(f"no readable samples in {n} shard(s) starting {pool.urls[0]}")
-        order = list(range(n))
-        if self.shuffle:  # same order on every slot, so the split stays a partition
-            random.Random(_seed(self.seed, self.epoch, p, "order")).shuffle(order)
-        by_sample = n < nslots  # too few shards: every slot reads all, keeps every nslots-th sample
-        mine = order if by_sample else order[slot::nslots]
-        passes = 0
-        while True:
-            seq = list(mine)
-            if passes and self.shuffle:
-                random.Random(_seed(self.seed, self.epoch, p, slot, passes)).shuffle(seq)
-            got = False
-            c = 0
-            for i in seq:
-                report = not by_sample or order.index(i) % nslots == slot  # count a bad shard once
-                for raw in self._iter_shard(pool.urls[i], count(i), row, report):
-                    c += 1
-                    if by_sample and (c - 1) % nslots != slot:
-                        continue
-                    got = True
-                    yield raw
-            passes += 1
-            if not cycle:
-                return
-            if not got:
-                log.error("slot %d of %d has no readable samples in %s: it stops early", slot, nslots,
-                          pool.urls[0])
-                return
-
-    def _raw_stream(self, slot: int, nslots: int, cycle: bool, row: int) -> Iterator[dict[str, Any]]:
-        """Raw samples of all pools, mixed by weight with a seeded choice per sample."""
-        streams = [self._pool_stream(p, slot, nslots, cycle, row) for p in range(len(self.pools))]
-        if len(streams) == 1:
-            yield from streams[0]
-            return
-        rng = random.Random(_seed(self.seed, self.epoch, slot, "mix"))
-        active = [i for i, w in enumerate(self.weights) if w > 0]
-        while active:
-            i = rng.choices(active, weights=[self.weights[a] for a in active])[0]
-            try:
-                yield next(streams[i])
-            except StopIteration:
-                active.remove(i)
+                self._warn("tar", url, f"unreadable after {seen} samples{key}: {type(exn).__name__}: {exn}", url)
 
     def _prepared(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return samples if self.prepare is None else self.prepare(samples)
@@ -517,51 +541,311 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         nw, phys = (info.num_workers, info.id) if info is not None else (1, 0)
-        if self._workers is not None and self._pos and self._workers != nw:
-            raise ValueError(f"stream position was saved with {self._workers} DataLoader workers, this run "
-                             f"has {nw}: resume with the same num_workers")
         # Rotate worker roles so the DataLoader's round robin (always starting at worker 0)
         # continues the interrupted order exactly.
         logical = (phys + self._items) % nw
-        raw_done, produced = self._pos.get(logical, (0, 0))
+        start = self._starts(nw)[logical]
+        produced = start["produced"]
         slot, nslots = self.rank * nw + logical, self.world_size * nw
         quota = None if self.steps is None else len(range(logical, self.steps, nw))
         row = 0 if info is None else phys + 1
         cycle = self.steps is not None
-        raw_iter = _shuffle_buffer(self._raw_stream(slot, nslots, cycle, row), self.shuffle_buffer,
-                                   random.Random(_seed(self.seed, self.epoch, slot, "buffer")))
         meta = {"stream": self._uid, "epoch": self.epoch, "worker": logical, "workers": nw}
-        consumed = 0
-        batch: list[dict[str, Any]] = []
         if quota is not None and produced >= quota:
             return
-        for raw in raw_iter:
-            consumed += 1
-            if consumed <= raw_done:  # already used before the restart: skip without decoding
-                continue
-            try:
-                sample = decode_sample(raw, self.kind, self.transform, self.decode_images)
-            except DecodeError as exn:
-                self.stats.add(row, exn.reason)
-                self._warn(exn.reason, f"sample {raw['__key__']} of {raw['__url__']}", str(exn))
-                continue
-            self.stats.add(row, "decoded")
-            if self.batch_size is None:
-                item = self._prepared([sample])[0]
-            else:
-                batch.append(sample)
-                if len(batch) < self.batch_size:
+        reader = _Slot(self, slot, nslots, cycle, row, start["layout"], start["snap"])
+        batch: list[dict[str, Any]] = []
+        try:
+            for raw in reader:
+                try:
+                    sample = decode_sample(raw, self.kind, self.transform, self.decode_images)
+                except DecodeError as exn:
+                    self.stats.add(row, exn.reason)
+                    self._warn(exn.reason, f"sample {raw['__key__']} of {raw['__url__']}", str(exn), raw["__url__"])
                     continue
-                item, batch = collate(self._prepared(batch)), []
-            produced += 1
-            item["__stream__"] = dict(meta, raw=consumed, items=produced)
-            yield item
-            if quota is not None and produced >= quota:
+                self.stats.add(row, "decoded")
+                if self.batch_size is None:
+                    item = self._prepared([sample])[0]
+                else:
+                    batch.append(sample)
+                    if len(batch) < self.batch_size:
+                        continue
+                    item, batch = collate(self._prepared(batch)), []
+                produced += 1
+                item["__stream__"] = dict(meta, snap=reader.snapshot(), items=produced)
+                yield item
+                if quota is not None and produced >= quota:
+                    return
+            if batch and self.partial and quota is None:
+                item = collate(self._prepared(batch))
+                item["__stream__"] = dict(meta, snap=reader.snapshot(), items=produced + 1)
+                yield item
+        finally:
+            self._warn_summary()
+
+
+# --------------------------------------------------------------------------- one slot's reading
+
+
+def _first_kept(start: int, step: int, rem: int, only: list[int] | None) -> int | None:
+    """The first offset >= start that a visit keeps (None if an offset list has none left)."""
+    if only is not None:
+        left = [o for o in only if o >= start and o % step == rem]
+        return min(left) if left else None
+    return start + (rem - start) % step
+
+
+class _PoolReader:
+    """Raw samples of one pool for one slot, positioned by (shard visit u, offset in that shard).
+
+    Visits are first the layout's ``units`` (work handed over by a re-split resume), then the
+    regular visits from ``base``: finite mode walks the slot's shards pass by pass (a pass > 0
+    reshuffled), resampled mode draws shard ``hash(seed, epoch, salt, slot, v) % n`` for visit v,
+    so a resume replays no draw at all. A visit at or past a known count is skipped unopened.
+    """
+
+    def __init__(self, stream: "ShardStream", p: int, slot: int, nslots: int, cycle: bool, row: int,
+                 layout: dict[str, Any], cur: Sequence[Any] | None) -> None:
+        self.s, self.p, self.slot, self.nslots, self.cycle, self.row = stream, p, slot, nslots, cycle, row
+        pool = stream.pools[p]
+        self.pool, self.n = pool, len(pool.urls)
+        self.units = [list(u) for u in layout["units"][p]]
+        self.base, self.salt = int(layout["base"][p]), layout["salt"]
+        u, off, got, empty, done = cur if cur is not None else (0, 0, False, 0, False)
+        self.u, self.off, self.got, self.empty, self.done = int(u), int(off), bool(got), int(empty), bool(done)
+        order = list(range(self.n))
+        if stream.shuffle:  # same order on every slot, so the split stays a partition
+            random.Random(_seed(stream.seed, stream.epoch, p, "order")).shuffle(order)
+        self.order = order
+        self.by_sample = self.n < nslots  # too few shards: every slot reads all, keeps every nslots-th sample
+        self.mine = order if self.by_sample else order[slot::nslots]
+        self._passes: dict[int, list[int]] = {0: self.mine}
+
+    def state(self) -> list[Any]:
+        return [self.u, self.off, self.got, self.empty, self.done]
+
+    def _pass(self, k: int) -> list[int]:
+        if k not in self._passes:
+            seq = list(self.mine)
+            if self.s.shuffle:
+                random.Random(_seed(self.s.seed, self.s.epoch, self.salt, self.p, self.slot, k)).shuffle(seq)
+            self._passes = {0: self.mine, k: seq}
+        return self._passes[k]
+
+    def first_pass(self, u: int) -> bool:
+        """Whether visit u belongs to the epoch's first pass (handed-over units included)."""
+        return u < len(self.units) or (not self.s.resampled and u - len(self.units) + self.base < len(self.mine))
+
+    def visit(self, u: int) -> list | None:
+        """The unit [shard, start, step, rem, only] that visit u reads; None past the last one."""
+        if u < len(self.units):
+            return self.units[u]
+        v = u - len(self.units) + self.base
+        if self.s.resampled:
+            return [_seed(self.s.seed, self.s.epoch, self.salt, self.p, self.slot, "resample", v) % self.n,
+                    0, 1, 0, None]
+        if not self.mine:
+            return None
+        k, j = divmod(v, len(self.mine))
+        if k and not self.cycle:
+            return None
+        i = self._pass(k)[j]
+        if self.by_sample:
+            return [i, 0, self.nslots, (self.slot + i) % self.nslots, None]
+        return [i, 0, 1, 0, None]
+
+    def _pass_boundary(self) -> bool:
+        """At the start of a regular pass after a whole one with nothing readable: stop this slot."""
+        if self.s.resampled or self.u < len(self.units) or not self.mine:
+            return False
+        v = self.u - len(self.units) + self.base
+        if v % len(self.mine) or v == 0:
+            return False
+        whole = v - len(self.mine) >= self.base
+        got, self.got = self.got, False
+        if whole and not got:
+            log.error("slot %d of %d has no readable samples in %s: it stops early", self.slot, self.nslots,
+                      self.pool.urls[0])
+            return True
+        return False
+
+    def read(self, unit: list, start: int, report: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(offset, raw sample) that a unit keeps from ``start`` on."""
+        i, ustart, step, rem, only = unit
+        start = max(start, ustart)
+        first = _first_kept(start, step, rem, only)
+        count = None if self.pool.counts is None else self.pool.counts[i]
+        if first is None or (count is not None and first >= count):
+            return  # nothing left in this shard: not opened
+        keep = None if only is None else set(only)
+        for o, raw in self.s._iter_shard(self.pool.urls[i], count, self.row, report):
+            if o >= start and o % step == rem and (keep is None or o in keep):
+                yield o, raw
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int, int], dict[str, Any]]]:
+        while not self.done:
+            if self.off == 0 and self._pass_boundary():
+                self.done = True
                 return
-        if batch and self.partial and quota is None:
-            item = collate(self._prepared(batch))
-            item["__stream__"] = dict(meta, raw=consumed, items=produced + 1)
-            yield item
+            unit = self.visit(self.u)
+            if unit is None:
+                self.done = True
+                return
+            # count a bad shard once: on the slot's first reading of it, by one slot of a shared shard
+            report = self.off == 0 and (not self.by_sample or unit[0] % self.nslots == self.slot % self.nslots)
+            got = False
+            for o, raw in self.read(unit, self.off, report):
+                self.off, got, self.got = o + 1, True, True
+                yield (self.p, self.u, o), raw
+            self.u, self.off = self.u + 1, 0
+            if self.s.resampled:
+                self.empty = 0 if got else self.empty + 1
+                if self.empty > 10 * self.n + 10:
+                    raise CirlabError(f"no readable samples in the {self.n} shard(s) of {_where(self.pool)}",
+                                      "check the shards (cirlab data convert writes them) or point at others")
+
+    def fetch(self, u: int, offsets: set[int]) -> dict[int, dict[str, Any]]:
+        """The raw samples at these offsets of visit u (refilling a resumed shuffle buffer)."""
+        unit = self.visit(u)
+        if unit is None:
+            return {}
+        out: dict[int, dict[str, Any]] = {}
+        i = unit[0]
+        count = None if self.pool.counts is None else self.pool.counts[i]
+        for o, raw in self.s._iter_shard(self.pool.urls[i], count, self.row, False):
+            if o in offsets:
+                out[o] = raw
+                if len(out) == len(offsets):
+                    break
+        return out
+
+
+class _Slot:
+    """One slot's raw sample stream: its pools mixed by weight, through a seeded shuffle buffer.
+
+    Every random choice is a hash of (seed, epoch, salt, slot, counter), so the position is a few
+    counters plus the references (pool, visit, offset) of the samples waiting in the buffer.
+    """
+
+    def __init__(self, stream: "ShardStream", slot: int, nslots: int, cycle: bool, row: int,
+                 layout: dict[str, Any], snap: dict[str, Any] | None) -> None:
+        self.s, self.slot, self.salt = stream, slot, layout["salt"]
+        pools = snap["pools"] if snap else [None] * len(stream.pools)
+        self.readers = [_PoolReader(stream, p, slot, nslots, cycle, row, layout, pools[p])
+                        for p in range(len(stream.pools))]
+        self._iters = [iter(r) for r in self.readers]
+        self.r, active = snap["mix"] if snap else (0, [i for i, w in enumerate(stream.weights) if w > 0])
+        self.active = [int(a) for a in active]
+        self.size = stream.shuffle_buffer
+        self.e, self.flush, refs = snap["buf"] if snap else (0, False, [])
+        self.buf: list[tuple[tuple[int, int, int], dict[str, Any]]] = self._refill(refs)
+
+    def _refill(self, refs: list) -> list[tuple[tuple[int, int, int], dict[str, Any]]]:
+        """Re-read the samples a saved buffer held: only the shards they lie in, and only up to them."""
+        refs = [tuple(int(x) for x in r) for r in refs]
+        need: dict[tuple[int, int], set[int]] = {}
+        for p, u, o in refs:
+            need.setdefault((p, u), set()).add(o)
+        got = {(p, u): self.readers[p].fetch(u, offs) for (p, u), offs in sorted(need.items())}
+        out = []
+        for ref in refs:
+            raw = got[ref[:2]].get(ref[2])
+            if raw is None:
+                self.s.stats.add(0, "tar")
+                log.warning("resume: sample %d of shard visit %d is gone (shards changed since the checkpoint?)",
+                            ref[2], ref[1])
+                continue
+            out.append((ref, raw))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"pools": [r.state() for r in self.readers], "mix": [self.r, list(self.active)],
+                "buf": [self.e, self.flush, [ref for ref, _ in self.buf]]}
+
+    def _hash(self, *parts: Any) -> int:
+        return _seed(self.s.seed, self.s.epoch, self.salt, self.slot, *parts)
+
+    def _next_raw(self) -> tuple[tuple[int, int, int], dict[str, Any]] | None:
+        if len(self._iters) == 1:
+            return next(self._iters[0], None)
+        while self.active:
+            x = self._hash("mix", self.r) / 2.0 ** 64
+            self.r += 1
+            weights = [self.s.weights[a] for a in self.active]
+            acc, pick = 0.0, self.active[-1]
+            for a, w in zip(self.active, weights):
+                acc += w / sum(weights)
+                if x < acc:
+                    pick = a
+                    break
+            got = next(self._iters[pick], None)
+            if got is None:
+                self.active.remove(pick)
+                continue
+            return got
+        return None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        size = self.size
+        if size <= 1:
+            while (x := self._next_raw()) is not None:
+                yield x[1]
+            return
+        while not self.flush:
+            x = self._next_raw()
+            if x is None:
+                self.flush = True
+                random.Random(self._hash("flush", self.e)).shuffle(self.buf)
+                break
+            if len(self.buf) < size:
+                self.buf.append(x)
+                continue
+            j = self._hash("buffer", self.e) % size
+            self.e += 1
+            out, self.buf[j] = self.buf[j], x
+            yield out[1]
+        while self.buf:
+            yield self.buf.pop()[1]
+
+    @staticmethod
+    def unread(stream: "ShardStream", slot: int, nslots: int, layout: dict[str, Any],
+               snap: dict[str, Any] | None) -> list[tuple[int, list]]:
+        """(pool, unit) pairs a saved slot had not read yet in the epoch's first pass (its buffer
+        included); in resampled mode the buffer and the rest of the current shard."""
+        pools = snap["pools"] if snap else [None] * len(stream.pools)
+        out: list[tuple[int, list]] = []
+        readers = [_PoolReader(stream, p, slot, nslots, True, 0, layout, pools[p]) for p in range(len(stream.pools))]
+        by_shard: dict[tuple[int, int], list[int]] = {}
+        for p, u, o in (snap["buf"][2] if snap else []):
+            rd = readers[int(p)]
+            unit = rd.visit(int(u))
+            if unit is not None and (stream.resampled or rd.first_pass(int(u))):
+                by_shard.setdefault((int(p), unit[0]), []).append(int(o))
+        for (p, i), offs in sorted(by_shard.items()):
+            out.append((p, [i, 0, 1, 0, sorted(offs)]))
+        for rd in readers:
+            if rd.done:
+                continue
+            u, off = rd.u, rd.off
+            if stream.resampled:
+                unit = rd.visit(u)
+                if off > 0 and unit is not None:
+                    out.append((rd.p, [unit[0], max(off, unit[1]), unit[2], unit[3], unit[4]]))
+                continue
+            while rd.first_pass(u):
+                unit = rd.visit(u)
+                if unit is None:
+                    break
+                out.append((rd.p, [unit[0], max(off, unit[1]), unit[2], unit[3], unit[4]]))
+                u, off = u + 1, 0
+        return out
+
+
+def _where(pool: ShardPool) -> str:
+    """The folder of a pool's shards (or its first url) for messages."""
+    if pool.urls and _is_local(pool.urls[0]):
+        return str(Path(pool.urls[0].removeprefix("file:")).parent)
+    return pool.urls[0] if pool.urls else "(no shards)"
 
 
 def _dist_rank_world() -> tuple[int, int]:
