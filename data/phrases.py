@@ -189,12 +189,14 @@ def load_phrases(path: str | os.PathLike) -> dict[str, list[str]]:
     return table
 
 
-def generate_phrases(source: str = "EleutherAI/gpt-neo-2.7B", concepts: str = "synthetic",
+def generate_phrases(source: str = "EleutherAI/gpt-neo-2.7B", concepts: str | list[str] = "synthetic",
                      out: str = "phrases.jsonl", n: int = 256, max_length: int = 35, temperature: float = 0.5,
                      no_repeat_ngram_size: int = 2, device: str = "cpu", dtype: Optional[str] = None,
-                     seed: int = 0, progress: bool = True) -> dict[str, int]:
+                     seed: int = 0, held_out: Optional[list[list[str]]] = None,
+                     progress: bool = True) -> dict[str, int]:
     """Write phrases for every concept of the vocabulary `concepts` to the JSONL file `out`; concepts
-    already in `out` are kept (a rerun resumes). Returns {"generated", "kept", "total"}."""
+    already in `out` are kept (a rerun resumes). `held_out`: the synthetic world's held-out pairs
+    (templated phrases never name them). Returns {"generated", "kept", "total"}."""
     from tqdm.auto import tqdm
 
     from cirlab.data.concepts import load_vocabulary
@@ -209,7 +211,8 @@ def generate_phrases(source: str = "EleutherAI/gpt-neo-2.7B", concepts: str = "s
     todo = [c for c in names if c not in done]
     if todo:
         src = phrase_source(source, n=n, max_length=max_length, temperature=temperature,
-                            no_repeat_ngram_size=no_repeat_ngram_size, device=device, dtype=dtype, seed=seed)
+                            no_repeat_ngram_size=no_repeat_ngram_size, device=device, dtype=dtype, seed=seed,
+                            held_out=held_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:  # one line per concept, flushed: a killed job keeps its work
             for concept in tqdm(todo, desc="phrases", unit="concept", disable=not progress, mininterval=2.0):
