@@ -158,6 +158,7 @@ class ShardPool:
     urls: list[str]
     counts: list[int] | None
     kind: str | None = None
+    source: str = ""  # what the user named (folders, patterns), for messages
 
     @property
     def total(self) -> int | None:
@@ -217,7 +218,8 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
         if _is_local(url) and not Path(url.removeprefix("file:")).is_file():
             raise FileNotFoundError(f"shard {url} listed in its index.json does not exist: rewrite the shards")
     known = None if any(c is None for c in counts) else [int(c) for c in counts]  # type: ignore[arg-type]
-    return ShardPool(urls, known, kinds.pop() if len(kinds) == 1 else None)
+    named = ", ".join(os.fspath(i) for i in items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+    return ShardPool(urls, known, kinds.pop() if len(kinds) == 1 else None, named)
 
 
 # --------------------------------------------------------------------------- shared counters
@@ -842,7 +844,9 @@ class _Slot:
 
 
 def _where(pool: ShardPool) -> str:
-    """The folder of a pool's shards (or its first url) for messages."""
+    """What the user named for a pool (its folder), or its first shard's folder, for messages."""
+    if pool.source:
+        return pool.source
     if pool.urls and _is_local(pool.urls[0]):
         return str(Path(pool.urls[0].removeprefix("file:")).parent)
     return pool.urls[0] if pool.urls else "(no shards)"

@@ -320,3 +320,135 @@ def test_prepare_runs_on_each_batch_before_collation(tmp_path):
     single = ShardStream(tmp_path / "p", "pair", resampled=False, shuffle=False, rank=0, world_size=1,
                          equal_steps=False, prepare=tag)
     assert [s["tag"] for s in single] == [i.upper() for i in ids]
+
+
+# ----------------------------------------------------------------------------- resume by (shard, offset)
+
+
+def _take(stream: ShardStream, n: int, num_workers: int = 0) -> list[list[str]]:
+    out = []
+    for b in StreamLoader(stream, num_workers=num_workers):
+        out.append(_ids([b]))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("mode", ["finite", "mixed"])
+def test_resume_exact_in_finite_and_mixed_streams(tmp_path, mode):
+    _write(tmp_path / "a", [9, 8, 7, 6], prefix="a")
+    _write(tmp_path / "b", [5, 5, 5], prefix="b")
+
+    def stream() -> ShardStream:
+        if mode == "finite":
+            return make_dataset(tmp_path / "a", "pair", resampled=False, batch_size=3, shuffle_buffer=6, seed=1)
+        return make_dataset([tmp_path / "a", tmp_path / "b"], "pair", weights=[2.0, 1.0], batch_size=3,
+                            steps_per_epoch=9, shuffle_buffer=6, seed=1)
+
+    ref_loader = StreamLoader(stream())
+    reference = [_ids([b]) for b in ref_loader] + [_ids([b]) for b in ref_loader]
+    first = stream()
+    assert _take(first, 4) == reference[:4]
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    loader = StreamLoader(resumed)
+    assert [_ids([b]) for b in loader] + [_ids([b]) for b in loader] == reference[4:]
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_opens_the_current_shards_only(tmp_path, resampled):
+    """Late and early positions cost the same: finished shards are skipped unopened."""
+    _write(tmp_path / "d", [10] * 30)
+
+    def stream() -> ShardStream:
+        return make_dataset(tmp_path / "d", "pair", resampled=resampled, batch_size=5, shuffle_buffer=8, seed=4,
+                            steps_per_epoch=60)
+
+    reference = [_ids([b]) for b in StreamLoader(stream())]
+    opened = {}
+    for at in (6, 54):  # 10 % and 90 % of the epoch
+        first = stream()
+        assert _take(first, at) == reference[:at]
+        resumed = stream()
+        resumed.load_state_dict(first.state_dict())
+        assert _take(resumed, 1) == reference[at:at + 1]
+        opened[at] = resumed.shards_opened
+    # the buffer's 8 samples lie in a few shards of 10, plus the shard being read and the next one
+    # for the batch (a re-read of the past would open 4 and 28 shards)
+    assert opened[6] <= 6 and opened[54] <= 6, opened
+
+
+def _drain(stream: ShardStream, num_workers: int = 0) -> list[str]:
+    return _ids(StreamLoader(stream, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("before,after", [(0, 2), (2, 0), (2, 3)])
+def test_resume_with_other_num_workers_reads_each_sample_once(tmp_path, before, after):
+    ids = _write(tmp_path / "d", [9, 8, 7, 6, 5, 4])
+
+    def stream() -> ShardStream:
+        return make_dataset(tmp_path / "d", "pair", resampled=False, batch_size=3, shuffle_buffer=5, seed=2)
+
+    first = stream()
+    taken = sum(_take(first, 4, num_workers=before), [])
+    resumed = stream()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    rest = _drain(resumed, num_workers=after)
+    assert sorted(taken + rest) == sorted(ids)  # no sample replayed, none skipped; order differs
+
+
+def test_resume_on_fewer_ranks_continues_the_unread_shards(tmp_path, caplog):
+    ids = _write(tmp_path / "d", [6] * 8)
+
+    def stream(rank: int, world: int) -> ShardStream:
+        return make_dataset(tmp_path / "d", "pair", resampled=False, batch_size=2, shuffle_buffer=4, seed=3,
+                            rank=rank, world_size=world, equal_steps=False)
+
+    taken, ranks = [], {}
+    for r in range(2):  # two ranks, each 5 batches in
+        s = stream(r, 2)
+        taken += sum(_take(s, 5), [])
+        ranks[str(r)] = s.state_dict()["ranks"][str(r)]
+    state = dict(ranks["0"], ranks=ranks)
+    one = stream(0, 1)
+    with caplog.at_level("WARNING"):
+        one.load_state_dict(json.loads(json.dumps(state)))
+        rest = _drain(one)
+    assert "order differs" in caplog.text
+    assert sorted(taken + rest) == sorted(ids)
+    # and onto more ranks: their shares are disjoint and together the unread rest
+    parts = []
+    for r in range(3):
+        s = stream(r, 3)
+        s.load_state_dict(json.loads(json.dumps(state)))
+        parts.append(_drain(s))
+    assert sorted(taken + sum(parts, [])) == sorted(ids)
+
+
+def test_empty_shard_set_is_one_clear_error(tmp_path):
+    from cirlab.data.shards import INDEX_NAME, ShardIndex
+    from cirlab.errors import CirlabError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / INDEX_NAME).write_text(json.dumps(ShardIndex("pair", [], [], tmp_path / "empty").to_json()))
+    for resampled in (True, False):
+        with pytest.raises(CirlabError, match=r"empty.*0 samples") as err:
+            make_dataset(tmp_path / "empty", "pair", resampled=resampled, batch_size=2)
+        assert str(tmp_path / "empty") in str(err.value)
+
+
+def test_truncated_shard_warns_once_then_counts(tmp_path, caplog):
+    _write(tmp_path / "d", [6, 6])
+    d = tmp_path / "d"
+    with tarfile.open(d / "shard-000001.tar") as tf:
+        cut = tf.getmember(f"{3:010d}.png").offset_data + 5
+    with open(d / "shard-000001.tar", "r+b") as f:
+        f.truncate(cut)
+    # 9 samples readable; 20 steps of 2 read the truncated shard 4-5 times (passes)
+    s = make_dataset(d, "pair", resampled=False, batch_size=2, steps_per_epoch=20, shuffle_buffer=0)
+    with caplog.at_level("WARNING", logger="cirlab.data.streaming"):
+        assert len(_drain(s)) == 40
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("shard-000001.tar" in m for m in lines) == 1, lines
+    assert s.errors["tar"] >= 4
+    assert any(f"{s.errors['tar'] - 1} more skipped" in m for m in lines), lines
