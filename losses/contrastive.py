@@ -46,6 +46,28 @@ def _gather_no_grad(x: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def _gather_local_first(x: Tensor) -> Tensor:
+    """All-gather without gradient, this rank's own rows first (with their gradient), then the
+    other ranks' in rank order: the Pic2Word reference's gather."""
+    rank, world = _world()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat([x] + parts[:rank] + parts[rank + 1:], dim=0)
+
+
 def _ids_to_tensor(ids: Sequence | Tensor, n: int, device: torch.device) -> Tensor:
     """Turn per-sample ids (ints, strings or a tensor) into an int64 tensor comparable across processes."""
     if isinstance(ids, Tensor):
@@ -79,7 +101,8 @@ def _one_way(a: Tensor, b_all: Tensor, scale: Tensor | float, labels: Tensor,
 
 
 def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetric: bool = False,
-             gather: bool = True, duplicate_ids: Sequence | Tensor | None = None) -> Tensor:
+             gather: bool = True, duplicate_ids: Sequence | Tensor | None = None,
+             gather_with_grad: bool = True) -> Tensor:
     """InfoNCE between row-aligned `query` and `target` features (callers normalise).
 
     Each rank computes its B x (B*world) logits = logit_scale * query @ gathered(target).T with
@@ -87,6 +110,12 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
     the single-process loss on the global batch. `symmetric` averages with the target->query direction.
     `duplicate_ids`: per-sample ids; samples sharing the positive's id are masked from the softmax.
     With gather, every rank must pass the same batch size.
+
+    `gather_with_grad=False` is Pic2Word's scheme: features gathered without gradient, the rank's own
+    first, and every rank computes the whole (B*world)^2 loss; gradients reach only its own rows.
+    Those rows' gradient is scaled by world (the loss value is not) so that DDP's average equals
+    the single-process gradient, as in the other mode (the reference's feature gradient is 1/world
+    of it, which Adam's normalisation cancels but for eps).
     """
     if query.ndim != 2 or target.ndim != 2 or query.shape != target.shape:
         raise ValueError(f"info_nce needs query and target of the same 2-D shape (B, D), got query "
@@ -94,6 +123,8 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
     rank, world = _world()
     if not (gather and world > 1):
         rank, world = 0, 1
+    if world > 1 and not gather_with_grad:
+        return _info_nce_gathered_no_grad(query, target, logit_scale, symmetric, duplicate_ids, world)
     b = query.shape[0]
     labels = torch.arange(b, device=query.device) + rank * b
     target_all = gather_features(target) if world > 1 else target
@@ -106,6 +137,25 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
     if symmetric:
         query_all = gather_features(query) if world > 1 else query
         loss = (loss + _one_way(target, query_all, logit_scale, labels, same_id)) / 2
+    return loss
+
+
+def _info_nce_gathered_no_grad(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetric: bool,
+                               duplicate_ids: Sequence | Tensor | None, world: int) -> Tensor:
+    """The whole global-batch InfoNCE on every rank from features gathered without gradient."""
+    # a rank's features get only their share of the global gradient (the other ranks' rows are
+    # constants here): times world, DDP's average over ranks gives the whole of it. A learnable
+    # scale sees the whole loss on every rank, so its gradient needs no factor.
+    query, target = _ScaleGrad.apply(query, float(world)), _ScaleGrad.apply(target, float(world))
+    q_all, t_all = _gather_local_first(query), _gather_local_first(target)
+    labels = torch.arange(q_all.shape[0], device=query.device)
+    same_id = None
+    if duplicate_ids is not None:
+        ids_all = _gather_local_first(_ids_to_tensor(duplicate_ids, query.shape[0], query.device))
+        same_id = ids_all[:, None] == ids_all[None, :]
+    loss = _one_way(q_all, t_all, logit_scale, labels, same_id)
+    if symmetric:
+        loss = (loss + _one_way(t_all, q_all, logit_scale, labels, same_id)) / 2
     return loss
 
 
