@@ -1,0 +1,95 @@
+"""FocalLens (METHODS.md "FocalLens", FocalLens-CLIP is our design): an instruction-conditioned CLIP ViT.
+
+Training step on instruction shards (image, instruction, answer): the conditional image embedding
+(models/focallens.py) and the text embedding of the answer, both L2-normalised, go into a symmetric
+InfoNCE with the model's logit scale; samples of the batch with the same answer are not negatives
+(masked from the softmax in both directions); features are gathered across ranks. The text tower is
+frozen by default (`backbone.freeze_text`); the vision tower trains fully or with LoRA
+(`backbone.lora` with towers [image]); the projection and the gate always train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from cirlab.losses import info_nce
+from cirlab.models.focallens import FocalLens
+from cirlab.train.conditional import ConditionalEmbeddingTask
+from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
+
+
+class FocalLensTask(ConditionalEmbeddingTask):
+    """FocalLens-CLIP: contrastive instruction tuning of the vision tower (see the module docstring).
+
+    `init_logit_scale`: None keeps the backbone's own (1/0.07 at random init, 100 for released CLIP
+    weights); `learnable_temperature` trains it (clamped at 100, as CLIP).
+    """
+
+    def __init__(self, learnable_temperature: bool = True, init_logit_scale: Optional[float] = None,
+                 eval_sets: Optional[list[str]] = None, eval_every_n_epochs: int = 1,
+                 backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
+                 scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
+        if init_logit_scale is not None and init_logit_scale <= 0:
+            raise ValueError(f"init_logit_scale must be > 0, got {init_logit_scale}")
+        self.learnable_temperature = learnable_temperature
+        self.init_logit_scale = init_logit_scale
+        super().__init__(eval_sets, eval_every_n_epochs, backbone, optimizer, scheduler, evaluation)
+
+    def default_backbone(self) -> BackboneConfig:
+        return BackboneConfig(freeze_text=True)
+
+    def default_optimizer(self) -> OptimizerConfig:
+        # ours (no public reference): CLIP fine-tuning settings
+        return OptimizerConfig(name="adamw", lr=1e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.1,
+                               no_decay_on_bias_and_norm=True)
+
+    def default_scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(name="cosine", warmup_steps=100)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        self.focallens = FocalLens.for_backbone(self.backbone)
+        scale = self.backbone.model.logit_scale
+        if self.init_logit_scale is not None:
+            with torch.no_grad():
+                scale.fill_(math.log(self.init_logit_scale))
+        scale.requires_grad_(self.learnable_temperature)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.backbone.model.logit_scale.exp().clamp(max=100)
+
+    def export_modules(self) -> dict[str, nn.Module]:
+        return {"focallens": self.focallens}
+
+    # ----------------------------------------------------------------- encoders
+    def encode_instruction(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.focallens.encode_instructions(self.backbone, [instruction], self.device)
+
+    def conditional_features(self, images: torch.Tensor, instruction: Any) -> torch.Tensor:
+        instr, lengths = instruction
+        return self.focallens.encode_images(self.backbone, images, instr, lengths)
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.backbone.tokenize(texts).to(self.device)
+        text_trains = any(p.requires_grad for p in self.backbone.text_parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
+            return self.backbone.encode_text(tokens)
+
+    def loss(self, images: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        """Symmetric InfoNCE of conditional image vs answer embeddings; equal answers are not negatives."""
+        cond = self.normalize(self.focallens(self.backbone, images, instructions))
+        ans = self.normalize(self.text_features(list(answers)))
+        return info_nce(cond, ans.to(cond.dtype), self.logit_scale(), symmetric=True, gather=True,
+                        duplicate_ids=[str(a).strip().lower() for a in answers])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch["image"], list(batch["instruction"]), list(batch["answer"]))
+        n = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/logit_scale", self.logit_scale().detach(), batch_size=n)
+        self.log("train/gate_abs_mean", self.focallens.gate.detach().abs().mean(), batch_size=n)
+        return loss
