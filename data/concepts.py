@@ -154,7 +154,7 @@ def shard_batches(url: str, transform: Callable, batch_size: int) -> Iterator[di
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file so that a killed job leaves either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks writing the same file never share a tmp
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
