@@ -74,3 +74,21 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
 def decode_rgb(data: bytes | str | os.PathLike) -> Image.Image:
     """Encoded bytes or a file path -> a loaded RGB image, 16-bit scaled (ImageDecodeError if unreadable)."""
     return to_rgb(open_image(data))
+
+
+def image_for_shard(data: bytes) -> bytes | Image.Image:
+    """What a shard stores for an image file: its own bytes if 8-bit JPEG/PNG, else a decoded image
+    (16-bit scaled to 8 bits) to re-encode. Raises ImageDecodeError if the bytes are not an image."""
+    img = open_image(data)
+    if is_high_bit_depth(img):
+        return to_rgb(img)
+    return data if img.format in ("JPEG", "PNG") else img
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file under ``folder`` (recursively) whose extension is an image's, sorted by path."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

@@ -6,6 +6,8 @@ the real id (which may contain dots) lives in the json member.
 
 from __future__ import annotations
 
+from cirlab.errors import CirlabError
+
 # field name -> tar member extension, for the image and text fields of each kind.
 # Every other field of a sample goes into the json member.
 IMAGE_FIELDS: dict[str, dict[str, str]] = {
@@ -36,8 +38,12 @@ REQUIRED_JSON: dict[str, tuple[str, ...]] = {
 KINDS = tuple(IMAGE_FIELDS)
 
 
+class UnknownKindError(CirlabError, ValueError):
+    """A sample kind that does not exist (a ValueError too, for callers that catch those)."""
+
+
 def check_kind(kind: str) -> str:
     """Return kind if known, else raise one clear error listing the known kinds."""
     if kind not in IMAGE_FIELDS:
-        raise ValueError(f"unknown sample kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise UnknownKindError(f"unknown sample kind {kind!r}", f"expected one of {', '.join(KINDS)}")
     return kind

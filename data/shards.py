@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
+from cirlab.errors import CirlabError
 
 INDEX_NAME = "index.json"
 
@@ -40,15 +43,27 @@ class ShardIndex:
                 "shards": [{"name": s, "count": c} for s, c in zip(self.shards, self.counts)]}
 
 
+class ShardFolderError(CirlabError, FileNotFoundError):
+    """A data folder that does not exist or holds no readable index.json (a FileNotFoundError too)."""
+
+
 def read_index(folder: str | os.PathLike) -> ShardIndex:
-    """Read ``folder/index.json``; a missing folder or index fails with its path."""
+    """Read ``folder/index.json``; a missing folder or index, or a damaged one, fails with its path."""
     folder = Path(folder)
     path = folder / INDEX_NAME
+    if not folder.is_dir():
+        raise ShardFolderError(f"data folder {folder} does not exist",
+                               "check the path, or write shards there first (cirlab data convert …)")
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}: write shards there first (cirlab data …)")
-    meta = json.loads(path.read_text())
-    return ShardIndex(meta["kind"], [s["name"] for s in meta["shards"]],
-                      [int(s["count"]) for s in meta["shards"]], folder)
+        raise ShardFolderError(f"no shard index at {path}: {folder} is not a shard folder",
+                               "write shards there with `cirlab data …`, or point at the folder holding index.json")
+    try:
+        meta = json.loads(path.read_text())
+        return ShardIndex(meta["kind"], [s["name"] for s in meta["shards"]],
+                          [int(s["count"]) for s in meta["shards"]], folder)
+    except (ValueError, KeyError, TypeError) as exn:
+        raise ShardFolderError(f"shard index {path} is damaged ({type(exn).__name__}: {exn})",
+                               "write the shards again") from exn
 
 
 def encode_image(img: Any, fmt: str = "jpeg", quality: int = 95) -> bytes:
@@ -118,6 +133,15 @@ def write_progress(what: str, total: Optional[int] = None, console: Any = None) 
         yield lambda: bar.advance(task)
 
 
+def _missing_dirs(folder: Path) -> list[Path]:
+    """The folders that mkdir(parents=True) would create for ``folder``, deepest first."""
+    made = []
+    while not folder.exists():
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
 def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, kind: str,
                  maxcount: int = 1000, prefix: str = "shard", image_format: str = "jpeg",
                  total: Optional[int] = None, console: Any = None) -> ShardIndex:
@@ -125,32 +149,64 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, 
 
     Images may be PIL images, encoded bytes or file paths. Returns the index written. On a terminal a
     progress bar counts the samples, against ``total`` where the caller knows it.
+
+    All or nothing: shards are written into a hidden staging folder and moved into place with their
+    index only once every sample is written. If ``samples`` raises (a bad row in strict mode, no
+    samples at all, Ctrl-C), nothing of this call stays behind and an earlier shard set there is intact.
     """
     check_kind(kind)
     out = Path(out_dir)
+    created = _missing_dirs(out)
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
     names: list[str] = []
     counts: list[int] = []
     shard_no, in_shard, sink = -1, 0, None
-    with write_progress(f"{kind} -> {out}", total, console) as advance:
-        try:
-            for i, sample in enumerate(samples):
-                if sink is None or in_shard >= maxcount:
-                    if sink is not None:
-                        sink.close()
-                    shard_no += 1
-                    name = f"{prefix}-{shard_no:06d}.tar"
-                    sink = wds.TarWriter(str(out / name), mtime=0)  # reproducible: no wall-clock stamps
-                    names.append(name)
-                    counts.append(0)
-                    in_shard = 0
-                sink.write(sample_to_members(sample, kind, f"{i:010d}", image_format))
-                in_shard += 1
-                counts[-1] += 1
-                advance()
-        finally:
-            if sink is not None:
-                sink.close()
+    try:
+        with write_progress(f"{kind} -> {out}", total, console) as advance:
+            try:
+                for i, sample in enumerate(samples):
+                    if sink is None or in_shard >= maxcount:
+                        if sink is not None:
+                            sink.close()
+                        shard_no += 1
+                        name = f"{prefix}-{shard_no:06d}.tar"
+                        sink = wds.TarWriter(str(staging / name), mtime=0)  # reproducible: no wall-clock stamps
+                        names.append(name)
+                        counts.append(0)
+                        in_shard = 0
+                    sink.write(sample_to_members(sample, kind, f"{i:010d}", image_format))
+                    in_shard += 1
+                    counts[-1] += 1
+                    advance()
+            finally:
+                if sink is not None:
+                    sink.close()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # only the folders this call made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    _publish(staging, out, names)
     index = ShardIndex(kind, names, counts, out)
-    (out / INDEX_NAME).write_text(json.dumps(index.to_json(), indent=1))
+    tmp_index = staging / INDEX_NAME
+    tmp_index.write_text(json.dumps(index.to_json(), indent=1))
+    os.replace(tmp_index, out / INDEX_NAME)
+    staging.rmdir()
     return index
+
+
+def _publish(staging: Path, out: Path, names: list[str]) -> None:
+    """Move freshly written shards into ``out``; drop shards an earlier index listed that are not rewritten."""
+    try:
+        previous = set(read_index(out).shards) if (out / INDEX_NAME).is_file() else set()
+    except ShardFolderError:
+        previous = set()
+    for name in names:
+        os.replace(staging / name, out / name)
+    for name in previous - set(names):
+        if "/" not in name and ".." not in name:  # never delete outside the folder
+            (out / name).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cirlab.data.convert import BadRowError, cli, convert
+from cirlab.errors import CirlabError
 from cirlab.data.streaming import StreamLoader, make_dataset
 
 
@@ -114,7 +115,8 @@ def test_bad_rows_reported_with_line_and_counted(tmp_path, images, caplog):
     assert report.skipped_by_reason == {"malformed row": 2, "missing field": 1, "missing image": 1, "bad image": 2}
     assert [p.split(": ")[0] for p in report.problems] == [f"{rows}:{n}" for n in (2, 3, 5, 6, 7, 8)]
     assert "nope.jpg" in report.problems[2] and "'text'" in report.problems[1]
-    assert sum("skipped row" in r.message for r in caplog.records) == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "skipped 6 rows" in warnings[0] and f"{rows}:2" in warnings[0]  # one, not six
     assert "skipped 6 rows" in report.summary()
 
     with pytest.raises(BadRowError, match=f"^{rows}:2: malformed JSON"):
@@ -143,7 +145,8 @@ def test_cli(tmp_path, images, capsys):
     out = capsys.readouterr().out
     assert "written" in out and "missing image" in out and f"{rows}:3" in out
     assert len(list((tmp_path / "o").glob("*.tar"))) == 2
-    assert cli(args + ["--strict"]) == 2
-    assert f"{rows}:3: image file not found" in capsys.readouterr().out.replace("\n", "")
-    with pytest.raises(ValueError, match="query"):
+    with pytest.raises(BadRowError, match=f"^{rows}:3: image file not found"):
+        cli(args + ["--strict", "--out", str(tmp_path / "strict")])
+    assert not (tmp_path / "strict").exists()  # nothing left behind
+    with pytest.raises(CirlabError, match="evalset"):
         convert("query", rows, images, tmp_path / "q")

@@ -1,85 +1,150 @@
-"""`cirlab retrieve`: a trained checkpoint, a gallery folder, a query image and text -> the top-k images."""
+"""`cirlab retrieve`: a trained checkpoint, a gallery folder, a query image and text -> the top-k images.
+
+Unreadable gallery files (0 bytes, corrupt) are skipped, counted and listed, as training and conversion
+skip them; an empty text warns (an image-only query), a text longer than the text tower's context
+warns that it is cut. The page and the PNG strip come from cirlab.train.report.
+"""
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import io
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from tqdm import tqdm
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from cirlab.data.images import IMAGE_EXTS, ImageDecodeError, decode_rgb, list_image_files
+from cirlab.errors import CirlabError
+from cirlab.models.text_context import ContextMonitor
+
+SHOW_SKIPPED = 10  # skipped files named in the warning; the rest are counted
+
+
+class RetrieveError(CirlabError, FileNotFoundError):
+    """A gallery or query image that is missing or unreadable (a FileNotFoundError too)."""
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively), sorted; a missing or image-less folder is an error."""
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(f"gallery folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+        raise RetrieveError(f"gallery folder {root} does not exist", "pass the folder of images to search with --gallery")
+    files = list_image_files(root)
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        raise RetrieveError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}",
+                            "pass the folder of images to search with --gallery")
     return files
+
+
+@dataclass
+class Retrieval:
+    """The top-k (path, score) best first, and the gallery files skipped as unreadable (path, reason)."""
+
+    results: list[tuple[Path, float]]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    ranked: int = 0  # gallery images ranked
+
+    def skipped_message(self, limit: int = SHOW_SKIPPED) -> str | None:
+        """One line counting and naming the skipped files, or None."""
+        if not self.skipped:
+            return None
+        names = ", ".join(f"{p} ({why})" for p, why in self.skipped[:limit])
+        more = f", … and {len(self.skipped) - limit} more" if len(self.skipped) > limit else ""
+        return (f"skipped {len(self.skipped)} unreadable gallery image(s) of {len(self.skipped) + self.ranked}: "
+                f"{names}{more}")
+
+
+def query_text_warnings(task: Any, text: str) -> list[str]:
+    """Warnings about the query text: empty (an image-only query) or longer than the context (cut)."""
+    out = []
+    if not text.strip():
+        out.append("the query text is empty: ranking by the reference image alone (an image-only query); "
+                   "pass --text to describe the change")
+    tokenizer = getattr(getattr(task, "backbone", None), "tokenizer", None)
+    context = getattr(tokenizer, "context_length", None)
+    if context and hasattr(tokenizer, "encode"):
+        tokens = ContextMonitor(context, tokenizer.encode).tokens(text)
+        if tokens > context:
+            out.append(f"the query text ({len(text.split())} words, {tokens} tokens) is longer than the text "
+                       f"tower's {context}-token context and is cut: only its first {context - 2} tokens count")
+    return out
 
 
 @torch.no_grad()
 def retrieve(task: Any, gallery: Sequence[Path], image: Path, text: str, k: int = 10,
-             batch_size: int = 64) -> list[tuple[Path, float]]:
-    """Rank the gallery images for (image, text) with the task's own query; best first."""
+             batch_size: int = 64) -> Retrieval:
+    """Rank the gallery images for (image, text) with the task's own query; best first. Unreadable
+    gallery files are skipped and returned in ``skipped``; an unreadable query image is an error."""
     from cirlab.data.evalset import Protocol
     from cirlab.train.ranking import rank
 
     task.eval()
     tf = task.image_transform(train=False)
+    try:
+        query = decode_rgb(image)
+    except (OSError, ImageDecodeError) as exn:
+        raise RetrieveError(f"query image {image} is not readable ({exn})", "pass an image file with --image") from exn
+    kept: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     feats = []
-    for s in range(0, len(gallery), batch_size):
-        batch = torch.stack([tf(Image.open(p).convert("RGB")) for p in gallery[s:s + batch_size]])
-        feats.append(task.gallery_features(batch.to(task.device)).float().cpu())
+    for s in tqdm(range(0, len(gallery), batch_size), desc="encoding the gallery", unit="batch", disable=None):
+        batch = []
+        for p in gallery[s:s + batch_size]:
+            try:
+                batch.append(tf(decode_rgb(p)))
+                kept.append(p)
+            except (OSError, ImageDecodeError) as exn:
+                skipped.append((p, str(exn)))
+        if batch:
+            feats.append(task.gallery_features(torch.stack(batch).to(task.device)).float().cpu())
+    if not kept:
+        first = f"{skipped[0][0]} ({skipped[0][1]})" if skipped else "none"
+        raise RetrieveError(f"none of the {len(gallery)} gallery images is readable (the first: {first})",
+                            "check the files under --gallery")
     g = torch.cat(feats)
-    ref = task.gallery_features(tf(Image.open(image).convert("RGB"))[None].to(task.device))
+    ref = task.gallery_features(tf(query)[None].to(task.device))
     q = task.query_features(ref, [[text]], Protocol("custom", text_format="plain")).float().cpu()
-    scores, idx = rank(F.normalize(q, dim=-1), F.normalize(g, dim=-1), min(k, len(gallery)))
-    return [(gallery[i], float(s)) for s, i in zip(scores[0].tolist(), idx[0].tolist())]
+    scores, idx = rank(F.normalize(q, dim=-1), F.normalize(g, dim=-1), min(k, len(kept)))
+    results = [(kept[i], float(v)) for v, i in zip(scores[0].tolist(), idx[0].tolist())]
+    return Retrieval(results, skipped, len(kept))
 
 
-def _thumb(path: Path, size: int = 160) -> str:
-    img = Image.open(path).convert("RGB")
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def _image_id(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
-def write_html(out: Path, image: Path, text: str, results: list[tuple[Path, float]]) -> Path:
-    cells = "".join(f"<figure style='display:inline-block;margin:4px'><img src='data:image/png;base64,{_thumb(p)}'>"
-                    f"<figcaption>{i + 1}. {html.escape(p.name)}<br>{s:.3f}</figcaption></figure>"
-                    for i, (p, s) in enumerate(results))
-    out.write_text("<html><head><meta charset='utf-8'><title>cirlab retrieve</title></head>"
-                   "<body style='font-family:sans-serif'>"
-                   f"<h2>query: {html.escape(text)}</h2><img src='data:image/png;base64,{_thumb(image)}'>"
-                   f"<h2>top {len(results)}</h2>{cells}</body></html>")
-    return out
+def write_html(out: Path, image: Path, text: str, results: list[tuple[Path, float]], gallery_root: Path,
+               method: str = "checkpoint", notes: Sequence[str] = ()) -> Path:
+    """The results page (cirlab.train.report): the query, then the top-k with their scores."""
+    from cirlab.train.report import write_retrieval_page
+
+    images = {_image_id(p, gallery_root): p.read_bytes() for p, _ in results}
+    ranked = [(_image_id(p, gallery_root), s) for p, s in results]
+    return write_retrieval_page(out, image.read_bytes(), text, ranked, images, method, notes)
 
 
-def write_grid(out: Path, image: Path, results: list[tuple[Path, float]], size: int = 128) -> Path:
-    """The query, then the results, in one row of thumbnails."""
-    grid = Image.new("RGB", (size * (len(results) + 1) + 8, size), "white")
-    for i, p in enumerate([image] + [r[0] for r in results]):
-        img = Image.open(p).convert("RGB")
-        img.thumbnail((size, size))
-        grid.paste(img, (i * size + (8 if i else 0), 0))
-    grid.save(out)
-    return out
+def write_grid(out: Path, image: Path, text: str, results: list[tuple[Path, float]], gallery_root: Path,
+               method: str = "checkpoint") -> Path:
+    """The query, then the results, as one PNG strip."""
+    from cirlab.train.report import write_retrieval_grid
+
+    images = {_image_id(p, gallery_root): p.read_bytes() for p, _ in results}
+    ranked = [(_image_id(p, gallery_root), s) for p, s in results]
+    return write_retrieval_grid(out, image.read_bytes(), text, ranked, images, method)
 
 
 def retrieve_cli(argv: Sequence[str]) -> int:
+    """``cirlab retrieve``: print the top-k, write the page (and the strip); user mistakes raise CirlabError."""
     from cirlab.train.commands import load_task
 
-    p = argparse.ArgumentParser(prog="cirlab retrieve", description=__doc__)
+    p = argparse.ArgumentParser(prog="cirlab retrieve", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="a .ckpt written by `cirlab fit` (Combiner, LinCIR, …)")
     p.add_argument("--gallery", required=True, help="folder of images to search")
     p.add_argument("--image", required=True, help="the reference (query) image")
@@ -88,13 +153,23 @@ def retrieve_cli(argv: Sequence[str]) -> int:
     p.add_argument("--html", default="retrieval.html", help="page to write (default retrieval.html)")
     p.add_argument("--grid", default=None, help="also save the results as one PNG strip")
     a = p.parse_args(list(argv))
-    if not Path(a.image).is_file():
-        p.error(f"query image not found: {a.image}")
+    if a.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {a.top_k}")
+    image = Path(a.image)
+    if not image.is_file():
+        raise RetrieveError(f"query image {image} does not exist", "pass the reference image with --image")
+    gallery = list_images(a.gallery)
     task = load_task(a.ckpt)
-    results = retrieve(task, list_images(a.gallery), Path(a.image), a.text, a.top_k)
-    for i, (path, score) in enumerate(results, 1):
+    notes = query_text_warnings(task, a.text)
+    found = retrieve(task, gallery, image, a.text, a.top_k)
+    skipped = found.skipped_message()
+    notes += [skipped] if skipped else []
+    for note in notes:  # one line each, on stderr
+        print(f"cirlab retrieve: warning: {note}", file=sys.stderr)
+    for i, (path, score) in enumerate(found.results, 1):
         print(f"{i:3d}  {score:.4f}  {path}")
-    print(f"page: {write_html(Path(a.html), Path(a.image), a.text, results)}")
+    method = type(task).__name__.removesuffix("Task")
+    print(f"page: {write_html(Path(a.html), image, a.text, found.results, Path(a.gallery), method, notes)}")
     if a.grid:
-        print(f"grid: {write_grid(Path(a.grid), Path(a.image), results)}")
+        print(f"grid: {write_grid(Path(a.grid), image, a.text, found.results, Path(a.gallery), method)}")
     return 0
