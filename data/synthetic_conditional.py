@@ -89,3 +89,24 @@ def write_conditional_set(out_dir: str | os.PathLike, seed: int = 0, image_size:
                         map_ks=[10], text_format="instruction", breakdown=["question_type"],
                         score_keys=["mAP@10"])
     return write_eval_set(Path(out_dir), protocol, iter(queries), gallery(), maxcount=shard_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cirlab.data.synthetic_conditional --out DIR`: write one conditional set."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="cirlab.data.synthetic_conditional", description=write_conditional_set.__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gallery", type=int, default=400)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--split", default="test")
+    a = p.parse_args(argv)
+    es = write_conditional_set(a.out, a.seed, a.image_size, a.gallery, a.queries, a.split)
+    print(f"wrote {es.queries.total} queries and {es.gallery.total} gallery images to {es.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
