@@ -68,6 +68,21 @@ def test_loss_is_symmetric_infonce_at_clips_scale_by_hand():
     assert got == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-4)
 
 
+def test_trimmed_tokens_give_the_full_sequences_features():
+    task = _task()
+    task.eval()
+    texts = ["a photo of * , make it red", "a photo of * , add two small dogs next to the big tree"]
+    full = task.backbone.tokenize(texts)
+    cut = task.trim_tokens(full)
+    assert full.shape[1] == 77 and cut.shape[1] == int(full[1].argmax()) + 1 < 20
+    pseudo = torch.randn(2, task.backbone.token_dim)
+    with torch.no_grad():
+        a = task.backbone.encode_text_with_pseudo_tokens(full, pseudo, STAR_TOKEN_ID, first_only=True)
+        b = task.backbone.encode_text_with_pseudo_tokens(cut, pseudo, STAR_TOKEN_ID, first_only=True)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert task.trim_tokens(task.backbone.tokenize(["a photo of *"])).shape[1] == 6
+
+
 def test_a_step_changes_the_mapper_only_and_dropout_is_on_in_training():
     task = _task()
     task.train()

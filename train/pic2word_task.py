@@ -237,10 +237,23 @@ class Pic2WordTask(ComposedRetrievalTask):
             return self.backbone.encode_image(batch["image"])
 
     # ------------------------------------------------------------------ training
+    def trim_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop the padding after the batch's last end token. Exact for CLIP's text tower: under its
+        causal mask no position attends to a later one, and it pools at the end token, so the cut
+        positions never reach the output. "a photo of *" runs 6 positions instead of 77."""
+        parts = self.backbone._text_parts()
+        if parts is None or parts.attn_mask is None or parts.pool_type not in ("argmax", "eos"):
+            return tokens  # a tower that sees the whole sequence: nothing is cut
+        if parts.pool_type == "argmax":
+            end = tokens.argmax(dim=1)
+        else:
+            end = (tokens == parts.eos_id).int().argmax(dim=1)
+        return tokens[:, : int(end.max()) + 1]
+
     def pseudo_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Raw text features of "a photo of *" with mapper(image feature) as `*`."""
         if self._train_tokens is None or self._train_tokens.device != image_features.device:
-            self._train_tokens = self.backbone.tokenize([TRAIN_PROMPT]).to(image_features.device)
+            self._train_tokens = self.trim_tokens(self.backbone.tokenize([TRAIN_PROMPT]).to(image_features.device))
         tokens = self._train_tokens.expand(image_features.shape[0], -1)
         pseudo = self.mapper(image_features.to(self._mapper_dtype()))
         return self.backbone.encode_text_with_pseudo_tokens(tokens, pseudo, STAR_TOKEN_ID, first_only=True)
@@ -277,6 +290,6 @@ class Pic2WordTask(ComposedRetrievalTask):
     def query_features(self, ref_features: torch.Tensor, texts: list[list[str]], protocol: Protocol) -> torch.Tensor:
         template = self.prompt_for(protocol)
         prompts = [format_prompt(template, list(t), protocol.text_format) for t in texts]
-        tokens = self.backbone.tokenize(prompts).to(self.device)
+        tokens = self.trim_tokens(self.backbone.tokenize(prompts).to(self.device))
         pseudo = self.mapper(ref_features.to(self.device, self._mapper_dtype()))
         return self.backbone.encode_text_with_pseudo_tokens(tokens, pseudo, placeholder_of(template), first_only=True)
