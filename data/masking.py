@@ -3,8 +3,10 @@
 LinCIR (navervision/lincir, loader.py) trains phi on text only: the caption's keywords are masked
 and phi must reconstruct them. The rule, as in the reference:
 
-1. clean: ``<PERSON>`` -> ``person``, lower-case, remove real ``$``, strip; a caption longer than 75
-   BPE tokens is cut to its first 75 tokens (decoded back to text).
+1. clean (`clean_caption`): ``<PERSON>`` -> ``person``, lower-case, remove real ``$``, strip; a
+   caption longer than 75 BPE tokens is cut to its first 75 tokens (decoded back to text, with the
+   Hugging Face decoder's space clean-up: "red , blue" -> "red, blue"). LinCIR's target feature z is
+   computed from this cleaned text too, as in the reference.
 2. keywords: maximal runs of tokens tagged NOUN, PROPN, ADJ or DET (universal POS).
 3. each keyword is replaced by ``$``; with no keyword, one random word is replaced.
 4. if no ``$`` survives tokenisation (within the 75 tokens), the text becomes ``"a photo of $"``.
@@ -85,6 +87,39 @@ def _default_tokenizer() -> Any:
     return SimpleTokenizer()
 
 
+def _hf_decode_cleanup(text: str) -> str:
+    """The space clean-up of the Hugging Face decoder the reference cut captions with
+    (``clean_up_tokenization_spaces``, on by default in the transformers of its time)."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
+
+
+def clean_caption(caption: str | None, tokenizer: Any = None, max_tokens: int = 75) -> str:
+    """LinCIR's caption cleaning (lincir loader.py ``clean_caption``): ``<PERSON>`` -> ``person``,
+    lower-case, real ``$`` removed, stripped; over ``max_tokens`` BPE tokens, the first ``max_tokens``
+    decoded back to text. Both the target feature z and the masked caption are made from this text."""
+    if caption is not None and not isinstance(caption, str):
+        raise TypeError(f"captions must be strings, got {type(caption).__name__}: {caption!r}")
+    tokenizer = tokenizer if tokenizer is not None else _shared_tokenizer()
+    caption = (caption or "").replace("<PERSON>", "person").lower().replace(PLACEHOLDER, "").strip()
+    ids = tokenizer.encode(caption)
+    if len(ids) > max_tokens:
+        caption = _hf_decode_cleanup(tokenizer.decode(ids[:max_tokens]).strip()).replace(PLACEHOLDER, "").strip()
+    return caption
+
+
+_TOKENIZER: Any = None
+
+
+def _shared_tokenizer() -> Any:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = _default_tokenizer()
+    return _TOKENIZER
+
+
 class KeywordMasker:
     """Masks LinCIR keywords in captions; see the module docstring for the exact rule."""
 
@@ -121,13 +156,8 @@ class KeywordMasker:
 
     # -- steps -------------------------------------------------------------------------------
     def clean(self, caption: str | None) -> str:
-        """Lower-case, drop real ``$``, strip, and cut to ``max_tokens`` BPE tokens (as the reference)."""
-        if caption is not None and not isinstance(caption, str):
-            raise TypeError(f"captions must be strings, got {type(caption).__name__}: {caption!r}")
-        caption = (caption or "").replace("<PERSON>", "person").lower().replace(PLACEHOLDER, "").strip()
-        ids = self.tokenizer.encode(caption)
-        if len(ids) > self.max_tokens:
-            caption = self.tokenizer.decode(ids[: self.max_tokens]).replace(PLACEHOLDER, "").strip()
+        """`clean_caption` (the reference's cleaning); whole-word mode also collapses whitespace."""
+        caption = clean_caption(caption, self.tokenizer, self.max_tokens)
         if not self.reference_quirk:
             # Runs of spaces would make spaCy emit SPACE tokens that split a keyword run in two.
             caption = " ".join(caption.split())
@@ -255,7 +285,8 @@ def lexicon_named(name: str | None) -> Mapping[str, str] | None:
 
 
 class MaskMissingCaptions:
-    """Adds ``masked`` to text samples whose shards were not masked ahead (`cirlab data mask`).
+    """Adds ``cleaned`` (the caption z is computed from: `clean_caption`) to every text sample, and
+    ``masked`` to those whose shards were not masked ahead (`cirlab data mask`).
     Runs in the data loader's workers over whole batches, off the training loop; each process
     builds its own masker on first use (a spaCy pipeline does not travel between processes)."""
 
@@ -271,6 +302,9 @@ class MaskMissingCaptions:
         return self._masker
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for sample in samples:
+            if sample.get("cleaned") is None:
+                sample["cleaned"] = clean_caption(sample.get("text"))
         todo = [s for s in samples if s.get("masked") is None]
         if todo:
             for sample, masked in zip(todo, self.masker().mask_batch([s["text"] for s in todo])):

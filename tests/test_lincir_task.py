@@ -121,14 +121,33 @@ def test_training_on_text_shards_never_runs_an_image_tower(small_world, tmp_path
 
 
 def test_zero_shot_query_fashioniq_averages_both_orders():
+    # FashionIQ-style caption pairs with the stray punctuation and spaces the annotations carry; the
+    # reference strips each caption with strip('.?, ') and does not capitalise (unlike CLIP4Cir)
     t = _task(image_tower=True)
     t.eval()
-    ref = torch.randn(2, 64)
+    fiq = Protocol("fashioniq-dress", text_format="fashioniq")
+    texts = [["is solid black with no sleeves", "is black with straps"],
+             ["is darker blue.", " has short sleeves ,"],
+             ["Is more revealing?", "is shorter and tighter. "]]
+    prompts = t.query_prompts(texts, fiq)
+    assert prompts == [
+        ["a photo of $ that is solid black with no sleeves and is black with straps",
+         "a photo of $ that is black with straps and is solid black with no sleeves"],
+        ["a photo of $ that is darker blue and has short sleeves",
+         "a photo of $ that has short sleeves and is darker blue"],
+        ["a photo of $ that Is more revealing and is shorter and tighter",
+         "a photo of $ that is shorter and tighter and Is more revealing"]]
+    ref = torch.randn(3, 64)
     with torch.no_grad():
-        q = t.query_features(ref, [["is red", "is long"], ["a", "b"]], Protocol("fashioniq-dress", text_format="fashioniq"))
+        q = t.query_features(ref, texts, fiq)
         p = t.phi(ref)
-        a = F.normalize(t.prompt_features(p, ["is red and is long", "a and b"]), dim=-1)
-        b = F.normalize(t.prompt_features(p, ["is long and is red", "b and a"]), dim=-1)
+
+        def feats(strings):  # the hand-written prompt strings, encoded directly
+            tok = t.backbone.tokenize(strings)
+            return F.normalize(t.backbone.encode_text_with_pseudo_tokens(tok, p, DOLLAR_TOKEN_ID), dim=-1)
+
+        a = feats([pair[0] for pair in prompts])
+        b = feats([pair[1] for pair in prompts])
     assert torch.allclose(q, F.normalize(a + b, dim=-1), atol=1e-6)
 
 

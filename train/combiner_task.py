@@ -4,14 +4,21 @@ Faithful to the reference (METHODS.md "Combiner"): fixed logit scale 100, one-wa
 query -> target, the target feature normalised, the backbone kept in eval mode, AdamW (stage 1) /
 Adam (stage 2) with the reference settings, FashionIQ captions joined at random in training and
 as "C1 and c2" in evaluation. Stage 2 reads frozen features from a cache filled once.
+
+Precision as the reference: the stage-2 recipes train under 16-mixed (fp16 autocast + GradScaler,
+the reference's combiner_train.py), and the cache is filled under the run's autocast, as the
+reference encodes its training batches with an fp16 CLIP (one difference: autocast keeps the
+residual stream in fp32, fp16 weights do not; docs/differences.md). Evaluation runs outside
+autocast, in fp32, as the reference validates with `clip_model.float()`.
 """
 
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -20,9 +27,9 @@ from cirlab.data.benchmarks.fashioniq import caption_variants, join_captions_tra
 from cirlab.data.evalset import Protocol
 from cirlab.losses import info_nce
 from cirlab.models import Combiner
-from cirlab.train.base import BaseTask
+from cirlab.train.composed import ComposedRetrievalTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
-from cirlab.train.feature_cache import FeatureCache, transform_key
+from cirlab.train.feature_cache import FeatureCache, autocast_tag, transform_key
 
 _TOWERS = ("both", "image", "text")
 
@@ -53,7 +60,7 @@ def text_variants(texts: list[str], text_format: str) -> list[str]:
 torch.serialization.add_safe_globals([CombinerConfig])  # readable with weights_only=True
 
 
-class CombinerTask(BaseTask):
+class CombinerTask(ComposedRetrievalTask):
     """CLIP4Cir. `stage: 1` fine-tunes the towers named by `train_towers`; `stage: 2` trains a Combiner
     on the frozen backbone (point `backbone.pretrained` at the stage-1 export or a released
     {'CLIP': …} file)."""
@@ -113,8 +120,19 @@ class CombinerTask(BaseTask):
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device))
 
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Autocast off: the reference evaluates with an fp32 CLIP and Combiner."""
+        with torch.autocast(self.device.type, enabled=False):
+            yield
+
+    def gallery_features(self, images: torch.Tensor) -> torch.Tensor:
+        with self.full_precision():
+            return super().gallery_features(images.float())
+
     def query_features(self, ref_features: torch.Tensor, texts: list[list[str]], protocol: Protocol) -> torch.Tensor:
-        return self.combine(ref_features, self.encode_texts(self.query_texts(texts, protocol)))
+        with self.full_precision():
+            return self.combine(ref_features.float(), self.encode_texts(self.query_texts(texts, protocol)))
 
     def loss(self, query: torch.Tensor, target_raw: torch.Tensor) -> torch.Tensor:
         # logits = 100 * query . normalise(target); one-way cross-entropy, labels arange(B) (global)
@@ -137,13 +155,20 @@ class CombinerTask(BaseTask):
     @torch.no_grad()
     def fill_feature_cache(self) -> None:
         """Encode every training image and every text variant once (stage 2); later runs reuse them.
-        Under DDP each rank encodes its share of the shards and saves it, then every rank reads all."""
+        Under DDP each rank encodes its share of the shards and saves it, then every rank reads all.
+        The features are computed under the run's precision (16-mixed: fp16 autocast, as the
+        reference's fp16 CLIP), and kept apart from those of other precisions."""
+        with self.trainer.precision_plugin.forward_context():
+            self._fill_feature_cache()
+
+    def _fill_feature_cache(self) -> None:
         dm = self.trainer.datamodule
         fp = self.backbone.fingerprint()
         tf = self.image_transform(train=False)
-        image_space = f"image-{transform_key(tf)}"
+        tag = autocast_tag(self.device.type)  # "" in full precision, "-float16" / "-bfloat16" under autocast
+        image_space, text_space = f"image-{transform_key(tf)}{tag}", f"text{tag}"
         self._image_cache = FeatureCache(self._cache_root(), fp, image_space)
-        self._text_cache = FeatureCache(self._cache_root(), fp, "text")
+        self._text_cache = FeatureCache(self._cache_root(), fp, text_space)
         was_training = self.training
         self.eval()
         new_images = new_texts = 0
@@ -173,7 +198,7 @@ class CombinerTask(BaseTask):
         if world > 1:  # then every rank reads every rank's parts
             self.trainer.strategy.barrier("feature-cache")
             self._image_cache = FeatureCache(self._cache_root(), fp, image_space)
-            self._text_cache = FeatureCache(self._cache_root(), fp, "text")
+            self._text_cache = FeatureCache(self._cache_root(), fp, text_space)
         self.train(was_training)
         self.print(f"feature cache: {len(self._image_cache)} images ({new_images} new), "
                    f"{len(self._text_cache)} texts ({new_texts} new) in {self._image_cache.dir.parent}")
