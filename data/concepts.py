@@ -167,7 +167,7 @@ def _build_backbone(model_name: str, pretrained: Optional[str], device: str):
 
 
 def compute_concepts(images: str, vocabulary: str = "synthetic", out: Optional[str] = None,
-                     model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai", k: int = DEFAULT_K,
+                     model_name: str = "ViT-B-32-quickgelu", pretrained: Optional[str] = "openai", k: int = DEFAULT_K,
                      batch_size: int = 32, image_transform: str = "targetpad", device: str = "cpu",
                      rank: Optional[int] = None, world_size: Optional[int] = None, backbone: Any = None,
                      progress: bool = True) -> dict[str, Any]:

@@ -220,7 +220,7 @@ def test_oti_lowers_the_content_loss_of_every_image_and_outputs_the_ema(oti_worl
 
 def test_oti_job_writes_every_image_once_and_skips_finished_shards(oti_world, tmp_path):
     out = tmp_path / "oti"
-    kw = dict(concepts=oti_world["concepts"], phrases=oti_world["phrases"], config=OTIConfig(steps=3),
+    kw = dict(concepts=oti_world["concepts"], phrases=oti_world["phrases"], oti=OTIConfig(steps=3),
               backbone=oti_world["backbone"], progress=False)
     first = run_oti(oti_world["images"], str(out), **kw)
     assert first["written"] == ["shard-000000", "shard-000001", "shard-000002"]
@@ -230,7 +230,7 @@ def test_oti_job_writes_every_image_once_and_skips_finished_shards(oti_world, tm
     assert again["written"] == [] and len(again["skipped"]) == 3
     with pytest.raises(CirlabError, match="other settings"):
         (out / "shard-000002.safetensors").unlink()
-        run_oti(oti_world["images"], str(out), **{**kw, "config": OTIConfig(steps=4)})
+        run_oti(oti_world["images"], str(out), **{**kw, "oti": OTIConfig(steps=4)})
     with pytest.raises(CirlabError, match="needs phrases"):
         run_oti(oti_world["images"], str(tmp_path / "o2"), backbone=oti_world["backbone"], progress=False)
 
@@ -248,7 +248,7 @@ if int(world) > 1:
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
 torch.manual_seed(0)
 bb = Backbone("cirlab-tiny").eval()
-r = run_oti(images, out, concepts=concepts, phrases=phrases, config=OTIConfig(steps=int(steps)), backbone=bb,
+r = run_oti(images, out, concepts=concepts, phrases=phrases, oti=OTIConfig(steps=int(steps)), backbone=bb,
             progress=False)
 print(json.dumps({"written": r["written"], "skipped": r["skipped"]}))
 if int(world) > 1:

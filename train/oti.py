@@ -217,20 +217,20 @@ def _meta(cfg: OTIConfig, fingerprint: str, image_transform: str) -> dict[str, A
     return {"config": asdict(cfg), "fingerprint": fingerprint, "image_transform": image_transform}
 
 
-def run_oti(images: str, out: str, model_name: str = "ViT-B-32", pretrained: Optional[str] = "openai",
-            concepts: Optional[str] = None, phrases: Optional[str] = None, config: Optional[OTIConfig] = None,
+def run_oti(images: str, out: str, model_name: str = "ViT-B-32-quickgelu", pretrained: Optional[str] = "openai",
+            concepts: Optional[str] = None, phrases: Optional[str] = None, oti: Optional[OTIConfig] = None,
             image_transform: str = "targetpad", device: str = "cpu", cache_dir: Optional[str] = None,
             rank: Optional[int] = None, world_size: Optional[int] = None, backbone: Any = None,
             progress: bool = True) -> dict[str, Any]:
     """OTI tokens for every image of the shard folder `images`, written to `out` per image shard.
 
     `concepts`: the folder compute_concepts wrote (default ``<images>/concepts``); `phrases`: the JSONL
-    file generate_phrases wrote (needed unless config.lambda_reg is 0). Shards already in `out` are
+    file generate_phrases wrote (needed unless oti.lambda_reg is 0). Shards already in `out` are
     skipped. Returns {"written": [...], "skipped": [...], "out": folder}.
     """
     from tqdm.auto import tqdm
 
-    cfg = (config or OTIConfig()).check()
+    cfg = (oti or OTIConfig()).check()
     rank, world_size = rank_world(rank, world_size)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -357,7 +357,7 @@ def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_nam
     generate_phrases("synthetic", vocab, str(root / "phrases.jsonl"), n=phrases_per_concept, seed=seed,
                      held_out=manifest.held_out)
     run_oti(images, str(root / "oti"), concepts=str(root / "concepts"), phrases=str(root / "phrases.jsonl"),
-            config=cfg, cache_dir=str(root / "feature_cache"), backbone=bb)
+            oti=cfg, cache_dir=str(root / "feature_cache"), backbone=bb)
     dm = RetrievalDataModule(train=images, kind="image", batch_size=batch_size, resampled=False,
                              num_workers=0, shuffle_buffer=1000, seed=seed)
     trainer = L.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
