@@ -6,6 +6,8 @@ rebuilt from `backbone.pretrained`), and a frozen random backbone must not be dr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -186,3 +188,102 @@ def test_a_frozen_backbone_is_exported_as_a_pointer_to_its_source(small_world, t
         assert torch.equal(rebuilt.backbone.encode_text(tokens), task.backbone.encode_text(tokens))
     with pytest.raises(FileNotFoundError, match="export folder"):
         exported_backbone(tmp_path)
+
+
+# --------------------------------------------------------------------------- a new user's galleries and texts
+
+
+@pytest.fixture(scope="module")
+def combiner_ckpt(small_world, tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    task = CombinerTask(stage=1, backbone=BackboneConfig("cirlab-tiny", image_transform="targetpad"),
+                        optimizer=OptimizerConfig("adamw", lr=1e-4))
+    dm = RetrievalDataModule(train=str(small_world.path("triplets/train")), kind="triplet", batch_size=8,
+                             steps_per_epoch=1, num_workers=0)
+    return _fit_with_checkpoint(task, dm, tmp_path_factory.mktemp("combiner"))
+
+
+@pytest.fixture()
+def messy_gallery(gallery_dir, tmp_path) -> Path:
+    """The 24 PNGs, a 0-byte file, a file of garbage, and a 16-bit RGB copy of 05.png."""
+    import shutil
+
+    import numpy as np
+    from test_user_errors import png16
+
+    g = tmp_path / "messy"
+    shutil.copytree(gallery_dir, g)
+    (g / "zero.png").write_bytes(b"")
+    (g / "sub").mkdir()
+    (g / "sub" / "bad.jpg").write_bytes(b"not an image at all")
+    pixels = np.asarray(Image.open(g / "05.png").convert("RGB")).astype(np.uint16)
+    (g / "deep16.png").write_bytes(png16(pixels * 257))  # its top byte is 05.png again
+    return g
+
+
+def _retrieve(capsys, ckpt, gallery, image, text, tmp_path, k=30):
+    from test_user_errors import cirlab
+
+    return cirlab(capsys, "retrieve", "--ckpt", ckpt, "--gallery", str(gallery), "--image", str(image),
+                  "--text", text, "--top-k", str(k), "--html", str(tmp_path / "page.html"),
+                  "--grid", str(tmp_path / "grid.png"))
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("cirlab retrieve: warning: ")]
+
+
+def test_retrieve_skips_counts_and_lists_unreadable_gallery_files(combiner_ckpt, messy_gallery, tmp_path, capsys):
+    code, out, err = _retrieve(capsys, combiner_ckpt, messy_gallery, messy_gallery / "03.png", "make it red", tmp_path)
+    assert code == 0, err
+    (warning,) = _warnings(err)
+    assert "skipped 2 unreadable gallery image(s) of 27" in warning
+    assert f"{messy_gallery / 'sub' / 'bad.jpg'} (" in warning and f"{messy_gallery / 'zero.png'} (empty file (0 bytes))" in warning
+    ranked = {line.split()[2]: float(line.split()[1]) for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()}
+    assert len(ranked) == 25 and not any("zero" in p or "bad" in p for p in ranked)
+    # the 16-bit copy decodes to 05.png's pixels, so it scores the same (clipping made it white)
+    assert ranked[str(messy_gallery / "deep16.png")] == pytest.approx(ranked[str(messy_gallery / "05.png")], abs=1e-4)
+    page = (tmp_path / "page.html").read_text()
+    assert "skipped 2 unreadable gallery image(s)" in page and page.count('class="result') == 25
+    assert Image.open(tmp_path / "grid.png").width > 25 * 112
+
+
+def test_retrieve_warns_about_an_empty_text_and_a_cut_one(combiner_ckpt, gallery_dir, tmp_path, capsys):
+    image = gallery_dir / "03.png"
+    code, out, err = _retrieve(capsys, combiner_ckpt, gallery_dir, image, "  ", tmp_path, k=3)
+    assert code == 0 and len(out.splitlines()) >= 3
+    (warning,) = _warnings(err)
+    assert "the query text is empty" in warning and "image-only query" in warning
+    assert "(no text: image only)" in (tmp_path / "page.html").read_text()
+    code, out, err = _retrieve(capsys, combiner_ckpt, gallery_dir, image, " ".join(["red"] * 10_000), tmp_path, k=3)
+    assert code == 0
+    (warning,) = _warnings(err)
+    assert "(10000 words, 10002 tokens)" in warning and "77-token context and is cut" in warning
+    assert "(10000 words in all)" in (tmp_path / "page.html").read_text()  # the page shows the start only
+    code, out, err = _retrieve(capsys, combiner_ckpt, gallery_dir, image, "make it red", tmp_path, k=3)
+    assert code == 0 and _warnings(err) == []
+
+
+def test_retrieve_mistakes_are_one_error_line(combiner_ckpt, gallery_dir, tmp_path, capsys):
+    from test_user_errors import assert_one_error
+
+    image = gallery_dir / "03.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.jpg").write_bytes(b"garbage")
+    zero = tmp_path / "zero.png"
+    zero.write_bytes(b"")
+    for gallery, query, fragments in [
+        (tmp_path / "nowhere", image, ["gallery folder", "nowhere", "does not exist", "--gallery"]),
+        (empty, image, ["no images (.jpg", str(empty)]),
+        (broken, image, ["none of the 2 gallery images is readable", "a.png (empty file (0 bytes))"]),
+        (gallery_dir, tmp_path / "missing.png", ["query image", "missing.png", "does not exist", "--image"]),
+        (gallery_dir, zero, ["query image", "zero.png", "is not readable", "empty file"]),
+    ]:
+        code, _, err = _retrieve(capsys, combiner_ckpt, gallery, query, "make it red", tmp_path)
+        assert_one_error(code, "\n".join(line for line in err.splitlines() if not line.startswith("WARNING:")),
+                         "retrieve", *fragments)
