@@ -8,7 +8,8 @@ Queries (JSONL, or CSV with the same columns; CSV lists are separated by "|"), o
 
 * ``reference``: a gallery image (its path relative to the gallery, with or without the extension),
   or the path of an image outside the gallery (absolute, or relative to the queries file);
-* ``text`` (or ``caption``), or ``texts``: [...] — the modification text(s);
+* ``text`` (or ``caption``), or ``texts``: [one text] — the modification text (several texts are a bad
+  row: the plain protocol reads one text per query, so they would be dropped);
 * ``target`` and/or ``targets``: [...] — the gallery image(s) that answer the query (paths or ids);
   R@K counts ``target`` (else the first of ``targets``), mAP@K all of them;
 * optional ``id`` (default ``q<line>``); any other field rides along in the query's json.
@@ -135,6 +136,9 @@ class _QueryReader:
 
     def query(self, row: dict[str, Any], no: int) -> dict[str, Any]:
         texts = _Converter.texts(row)
+        if len(texts) > 1:  # the plain protocol reads a query's first text only: never drop the others silently
+            raise _Bad(BAD_FIELD, f"the query has {len(texts)} texts, but a plain query is read as one: "
+                                  "join them into one text")
         _, ref = _pick(row, ("reference",))
         if not isinstance(ref, str):
             raise _Bad(BAD_FIELD, f"field 'reference' {describe_value(ref)}: give an image path")

@@ -235,7 +235,7 @@ def query_card_html(card: QueryCard, thumbs: Thumbnails, number: int, max_target
             cells.append(f"<td>{_figure(thumbs, r.id, cls, caption)}</td>")
         rows.append(f'<tr><td class="method">{_e(m.method)}{where}</td>{"".join(cells)}</tr>')
     return (f'<section class="query" id="q{number}"><div class="qhead"><span class="qno">query {number} · '
-            f'{_e(card.query_id)}</span><span class="qtext">“{_e(card.text)}”</span></div>'
+            f'{_e(card.query_id)}</span><span class="qtext">“{_e(shorten(card.text))}”</span></div>'
             f'<div class="qbody"><div class="inputs">{"".join(inputs)}</div>'
             f'<table class="ranks">{"".join(rows)}</table></div></section>')
 
@@ -345,12 +345,25 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    """``text`` cut with an ellipsis to fit ``width`` pixels (a binary search: texts may be 10,000 words)."""
+    text = text[: max(1, width // 3)]  # no glyph is narrower than 3 px at these sizes
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    lo, hi = 0, len(text)  # the longest prefix that fits with the ellipsis
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "…", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
+
+
+def shorten(text: str, limit: int = 400) -> str:
+    """At most ``limit`` characters of a query text for display, saying how long the whole was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}… ({len(text.split())} words in all)"
 
 
 def render_grid(cards: Sequence[QueryCard], thumbs: Thumbnails, cell: int = 112, label_width: int = 170) -> Image.Image:
