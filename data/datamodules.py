@@ -53,7 +53,9 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size is not None and global_batch_size is not None:
             raise CirlabError(f"the data section sets both batch_size ({batch_size}, per device) and "
-                              f"global_batch_size ({global_batch_size}, all devices together)", "keep one of the two")
+                              f"global_batch_size ({global_batch_size}, all devices together)",
+                              "keep one of the two; on the command line e.g. --data.init_args.global_batch_size=null "
+                              "--data.init_args.batch_size=N")
         for name, value in (("batch_size", batch_size), ("global_batch_size", global_batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise CirlabError(f"data {name} must be a positive integer, got {value!r}")

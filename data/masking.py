@@ -394,7 +394,8 @@ def _iter_text_samples(index: ShardIndex) -> Iterator[dict[str, Any]]:
 
 def mask_text_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, masker: KeywordMasker,
                      processes: int = 1) -> ShardIndex:
-    """Copy text shards adding a ``masked`` json field to each sample, so training does no tagging.
+    """Copy text shards adding ``masked`` and ``cleaned`` json fields to each sample, so training does
+    no tagging or cleaning.
     ``processes`` > 1 tags in that many spaCy worker processes (same output)."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
@@ -414,6 +415,8 @@ def mask_text_shards(in_dir: str | os.PathLike, out_dir: str | os.PathLike, mask
         for masked in masker.mask_stream(captions(), processes=processes):
             sample = waiting.popleft()
             sample["masked"] = masked
+            # the text z is computed from, so training workers need not clean it again
+            sample["cleaned"] = clean_caption(sample["text"], masker.tokenizer, masker.max_tokens)
             yield sample
 
     return write_shards(masked_samples(), out_dir, kind="text", maxcount=max(index.counts, default=1000),

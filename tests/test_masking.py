@@ -163,6 +163,9 @@ def test_mask_text_shards(tmp_path, lex):
     assert [s["json"]["id"] for s in got] == [s["id"] for s in samples]
     assert [s["txt"] for s in got] == caps
     assert [s["json"]["masked"] for s in got] == expected
+    # the text LinCIR's z is computed from, written by hand (the reference's clean_caption)
+    assert [s["json"]["cleaned"] for s in got] == ["a red car parked on the street.", "he runs quickly",
+                                                   "the cat is sitting on the mat", "a very large cat", "zorp blip"]
     assert all(s["json"]["source"] == "unit" for s in got)
     write_shards([{"id": "x", "image": b"notanimage"}], tmp_path / "img", kind="image")
     with pytest.raises(ValueError, match="kind 'text'"):
