@@ -115,6 +115,15 @@ def test_pic2word_queries_rank_the_domain_sets(imgnet_root, tmp_path):
     r = positive_recall_at_k(ranked_ids, [q["gt_ids"] for q in qs], [10, 50])
     assert r[50] == pytest.approx(100.0)  # a gallery of 14 images: every positive is in the top 50
     assert 0 <= r[10] <= 100
+    # the evaluator ranks every domain set the same way, and averages the domains
+    from cirlab.train.domain_eval import evaluate_domain_conversion
+
+    res = evaluate_domain_conversion(task, [tmp_path / "out" / "eval" / d for d in ("cartoon", "toy")], batch_size=4)
+    assert set(res) == {"imagenet-r-cartoon", "imagenet-r-toy", "imagenet-r"}
+    assert res["imagenet-r-cartoon"]["R@10"] == pytest.approx(r[10], abs=1e-6)
+    # toy: only class 2's two queries have a positive (toy_0); the other four count 0
+    assert res["imagenet-r-toy"]["R@50"] == pytest.approx(100 * 2 / 6)
+    assert res["imagenet-r"]["R@50"] == pytest.approx((100 + 100 * 2 / 6) / 2)
 
 
 def test_bad_inputs_are_named(imgnet_root, tmp_path):
