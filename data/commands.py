@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 USAGE = """usage: cirlab data <command> [options]
 
-  convert     JSONL/CSV rows + an image folder -> pair, image, text, triplet or instruction shards
+  convert     JSONL/CSV rows + an image folder -> pair, image, text, triplet or instruction shards;
+              --kind evalset: a queries file + a gallery folder -> an evaluation set
   synthetic   write the synthetic world (the built-in default data)
   fashioniq   FashionIQ's official files -> training triplets + per-category evaluation sets
   cirr        CIRR's official files -> training triplets + evaluation sets (+ test1 for submissions)

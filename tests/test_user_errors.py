@@ -470,3 +470,10 @@ def test_texts_longer_than_the_context_are_counted_and_warned_about_once(caplog)
     assert monitor.summary() == ("3 of 5 query texts were longer than the 77-token context and were cut "
                                  "(the longest had 10003 tokens)")
     assert tok([exact])[0, -1].item() == tok.eot_token_id and tok([long])[0, -1].item() == tok.eot_token_id
+
+
+def test_every_recipe_the_readme_names_exists():
+    # the README once told users to copy recipes/combiner/custom.yaml, which never existed
+    named = set(re.findall(r"recipes/[\w./-]+\.yaml", (REPO / "README.md").read_text()))
+    assert "recipes/combiner/custom-stage1.yaml" in named and "recipes/combiner/custom-stage2.yaml" in named
+    assert sorted(n for n in named if not (REPO / n).is_file()) == []
