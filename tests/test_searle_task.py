@@ -135,3 +135,57 @@ def test_searle_oti_inverts_each_reference_at_query_time_under_inference_mode(pi
         by_phi = SEARLETask.query_features.__get__(t)  # the same task evaluated by phi instead
         t.inversion = "phi"
         assert not torch.allclose(by_phi(ref, [["turn it blue"]] * 4, Protocol("x")), got, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the distillation under DDP
+def _ddp_worker(rank, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        t = SEARLETask(lambda_reg=0.0, backbone=BackboneConfig("cirlab-tiny")).eval()  # no dropout draws
+        phi = torch.nn.parallel.DistributedDataParallel(t.phi)
+        feats, targets = _ddp_data(t)
+        sl = slice(rank * 4, rank * 4 + 4)
+        loss = t.distillation_loss(targets[sl], phi(feats[sl]))
+        loss.backward()
+        torch.save({"loss": loss.item(), "grads": [p.grad.clone() for p in t.phi.parameters()]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # gloo's at-exit teardown aborts now and then
+
+
+def _ddp_data(t):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(8, t.backbone.embed_dim, generator=g), torch.randn(8, t.backbone.token_dim, generator=g)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_distillation_over_two_ranks_equals_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    t = SEARLETask(lambda_reg=0.0, backbone=BackboneConfig("cirlab-tiny")).eval()
+    feats, targets = _ddp_data(t)
+    loss = nt_xent(targets, t.phi(feats), 0.25)
+    loss.backward()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        for g, ref in zip(got["grads"], [p.grad for p in t.phi.parameters()]):
+            torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-4)

@@ -345,7 +345,7 @@ def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_nam
     root = Path(out)
     images = str(manifest.path("images"))
     vocab = synthetic_vocabulary(manifest.held_out)
-    cfg = oti or OTIConfig(steps=60, batch_size=64, seed=seed)
+    cfg = oti or OTIConfig(steps=40, batch_size=64, seed=seed)  # the reference: 350 steps, batch 32
     L.seed_everything(seed, verbose=False)
     task = SEARLETask(oti_tokens=str(root / "oti"), concepts=str(root / "concepts"),
                       phrases=str(root / "phrases.jsonl"), vocabulary=None, oti=cfg,
