@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import webdataset as wds
 from PIL import Image
 
+from cirlab.data.images import to_rgb
 from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
 from cirlab.errors import CirlabError
 
@@ -76,8 +77,8 @@ def encode_image(img: Any, fmt: str = "jpeg", quality: int = 95) -> bytes:
         buf = io.BytesIO()
         if fmt == "png":
             img.save(buf, format="PNG")
-        else:
-            img.convert("RGB").save(buf, format="JPEG", quality=quality)
+        else:  # JPEG holds 8-bit RGB: a 16-bit image is scaled first, never clipped
+            to_rgb(img).save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
     raise TypeError(f"cannot encode image of type {type(img).__name__}: give a PIL image, bytes or a path")
 

@@ -280,6 +280,11 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path, images, capsys):
         assert np.array_equal(np.asarray(decode_image(data)), want), name
         assert np.array_equal(np.asarray(decode_rgb(images / name)), want), name
     assert expected["grey16.png"][0, :4, 0].tolist() == [0, 0, 255, 255]
+    from cirlab.data.shards import encode_image  # a 16-bit PIL image handed to the shard writer
+
+    flat = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    assert np.abs(np.asarray(decode_rgb(encode_image(flat, "jpeg"))).astype(int) - 40000 // 256).max() <= 1
+    assert np.asarray(decode_rgb(encode_image(flat, "png"))).tolist() == [[[156] * 3] * 8] * 8
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"image": n, "text": n}) + "\n" for n in expected))
     for fmt in ("png", "jpeg"):
