@@ -482,3 +482,23 @@ def test_every_recipe_the_readme_names_exists():
     named = set(re.findall(r"recipes/[\w./-]+\.yaml", (REPO / "README.md").read_text()))
     assert "recipes/combiner/custom-stage1.yaml" in named and "recipes/combiner/custom-stage2.yaml" in named
     assert sorted(n for n in named if not (REPO / n).is_file()) == []
+
+
+def test_a_missing_or_foreign_data_folder_and_a_wrong_kind_are_one_error(tmp_path, capsys):
+    from cirlab.data.kinds import check_kind
+    from cirlab.data.shards import read_index
+
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    for src, fragments in [(tmp_path / "nowhere", ["data folder", "nowhere", "does not exist"]),
+                           (plain, ["no shard index at", "is not a shard folder"])]:
+        code, _, err = cirlab(capsys, "data", "mask", "--src", str(src), "--out", str(tmp_path / "o"))
+        assert_one_error(code, err, "data", *fragments)
+        with pytest.raises(FileNotFoundError):  # still the type callers catch
+            read_index(src)
+    (plain / "index.json").write_text("{not json")
+    with pytest.raises(CirlabError, match="is damaged"):
+        read_index(plain)
+    with pytest.raises(ValueError, match="unknown sample kind 'triplets'") as info:
+        check_kind("triplets")
+    assert isinstance(info.value, CirlabError) and "pair, image, text, triplet" in info.value.hint
