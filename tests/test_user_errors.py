@@ -5,7 +5,6 @@ Evaluation sets from your own queries and gallery (`--kind evalset`), and the lo
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import re
