@@ -20,7 +20,11 @@ from cirlab.data.shards import ShardIndex, read_index, write_shards
 
 @dataclass
 class Protocol:
-    """How a benchmark ranks and scores: which image is excluded, which metrics, how texts join."""
+    """A benchmark's rules, stored as data in its protocol.json: which image is excluded from a
+    ranking, which metrics, which of them form the selection score, how sets are averaged, the
+    test-server format and the form of a query's texts. The shared evaluation reads these fields
+    and nothing else: a new benchmark is a reader that writes a protocol, not new evaluation code.
+    """
 
     name: str                       # e.g. "cirr", "fashioniq-dress", "circo", "synthetic"
     split: str = "val"
@@ -33,6 +37,17 @@ class Protocol:
     has_targets: bool = True        # test splits of CIRR/CIRCO have none: submission files only
     breakdown: list[str] = field(default_factory=list)  # query fields whose values get their own
     # recalls, e.g. the synthetic world's ["change", "composition"]: "change=colour/R@10"
+    score_keys: list[str] | None = None  # metrics whose mean is the selection score (FashionIQ:
+    # ["R@10", "R@50"]); None: every R@, Rs@ and mAP@ metric. A group's score uses the same keys.
+    submission: str | None = None   # test-server format, a key of cirlab.data.submissions.SUBMISSION_FORMATS
+
+    def selection_score(self, metrics: dict[str, float]) -> float:
+        """The one number model selection maximises: the mean of `score_keys` (NaN if none present)."""
+        if self.score_keys is not None:
+            vals = [metrics[k] for k in self.score_keys if k in metrics]
+        else:
+            vals = [v for k, v in metrics.items() if k.startswith(("R@", "Rs@", "mAP@"))]
+        return float(sum(vals) / len(vals)) if vals else float("nan")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +55,18 @@ class Protocol:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Protocol":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "score_keys" not in d and "submission" not in d:  # written before these fields existed
+            known.update(_LEGACY_RULES.get(str(d.get("name", "")).split("-")[0], {}))
         return cls(**known)
+
+
+# What protocol.json files written by cirlab 0.1 (before score_keys/submission) meant by their name;
+# only read for such files: new ones carry the rules themselves.
+_LEGACY_RULES: dict[str, dict[str, Any]] = {
+    "fashioniq": {"score_keys": ["R@10", "R@50"]},
+    "cirr": {"submission": "cirr"},
+    "circo": {"submission": "circo"},
+}
 
 
 @dataclass

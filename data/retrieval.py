@@ -1,19 +1,33 @@
 """The data module of composed-retrieval tasks: training shards plus evaluation sets.
 
-Evaluation sets (cirlab.data.evalset) become two loaders each, gallery first, then queries
-(Lightning runs validation loaders in order, so the gallery is indexed before its queries
-arrive). Every rank evaluates every query: rankings are global, so nothing is split.
+Each evaluation set becomes one loader: its gallery images, split over the ranks (each rank
+encodes its share; the evaluation gathers them). Queries are json only and are read by the
+evaluation itself (train/evaluation.py), so Lightning's batch limits (sanity check,
+`limit_val_batches`) only ever shorten the gallery, which the evaluation reports.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from cirlab.data.datamodules import ShardDataModule
 from cirlab.data.evalset import EvalSet, load_eval_set
 from cirlab.data.streaming import ShardStream
+from cirlab.errors import CirlabError
+
+
+class _GalleryStream(IterableDataset):
+    """A gallery stream that yields nothing while the task keeps this gallery's features."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        self.stream = stream
+        self.needed = True
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.needed:
+            yield from self.stream
 
 
 class RetrievalDataModule(ShardDataModule):
@@ -25,15 +39,15 @@ class RetrievalDataModule(ShardDataModule):
 
     def __init__(self, train: Optional[str | list[str]] = None, kind: str = "triplet",
                  val_sets: Optional[list[str]] = None, test_sets: Optional[list[str]] = None,
-                 batch_size: int = 32, eval_batch_size: int = 128, num_workers: int = 2,
+                 batch_size: Optional[int] = None, eval_batch_size: int = 128, num_workers: int = 2,
                  resampled: bool = True, steps_per_epoch: Optional[int] = None,
                  weights: Optional[list[float]] = None, seed: int = 0, shuffle_buffer: int = 1000,
                  val: Optional[str] = None, val_kind: Optional[str] = None,
-                 eval_num_workers: int = 0) -> None:
+                 eval_num_workers: int = 0, global_batch_size: Optional[int] = None) -> None:
         super().__init__(train=train if train is not None else [], kind=kind, batch_size=batch_size,
                          num_workers=num_workers, resampled=resampled, steps_per_epoch=steps_per_epoch,
                          weights=weights, seed=seed, shuffle_buffer=shuffle_buffer, val=val,
-                         val_kind=val_kind, val_batch_size=eval_batch_size)
+                         val_kind=val_kind, val_batch_size=eval_batch_size, global_batch_size=global_batch_size)
         self.has_train = train is not None
         self.val_set_paths = list(val_sets or [])
         self.test_set_paths = list(test_sets or [])
@@ -41,7 +55,8 @@ class RetrievalDataModule(ShardDataModule):
         self.eval_num_workers = eval_num_workers
         self.decode_images = True  # a task training from cached features turns this off
         self._sets: dict[str, list[EvalSet]] = {}
-        self._gallery_streams: dict[str, ShardStream] = {}
+        self._gallery_streams: dict[tuple[str, int], _GalleryStream] = {}
+        self._gallery_needed: dict[tuple[str, int], bool] = {}
 
     def setup(self, stage: str) -> None:
         # fail at the start of the run with the missing folder's name, not in the middle of it
@@ -60,7 +75,7 @@ class RetrievalDataModule(ShardDataModule):
     # -- training
     def train_dataloader(self) -> DataLoader:
         if not self.has_train:
-            raise ValueError("the recipe's data section has no `train` shards: set data.init_args.train")
+            raise CirlabError("the recipe's data section has no `train` shards", "set data.init_args.train")
         loader = super().train_dataloader()
         self.train_stream.decode_images = self.decode_images
         return loader
@@ -76,32 +91,33 @@ class RetrievalDataModule(ShardDataModule):
             yield sample
 
     # -- evaluation
-    def skip_gallery_pixels(self, root: str) -> None:
-        """The task holds this gallery's features (frozen image tower): stop decoding its images."""
-        stream = self._gallery_streams.get(str(root))
+    def set_gallery_needed(self, stage: str, set_idx: int, needed: bool) -> None:
+        """The task keeps (False) or needs (True) the gallery features of evaluation set `set_idx`."""
+        self._gallery_needed[(stage, set_idx)] = needed
+        stream = self._gallery_streams.get((stage, set_idx))
         if stream is not None:
-            stream.decode_images = False
+            stream.needed = needed
 
-    def _eval_loaders(self, sets: list[EvalSet]) -> list[DataLoader]:
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        rank, world = self._rank_world()
         loaders = []
-        for es in sets:
+        for i, es in enumerate(self.eval_sets(stage)):
+            # each rank its share of the gallery shards (by sample when there are fewer shards than ranks)
             gallery = ShardStream(es.gallery.root, "image", transform=self.eval_transform, resampled=False,
                                   shuffle=False, shuffle_buffer=0, batch_size=self.eval_batch_size,
-                                  rank=0, world_size=1, equal_steps=False)
-            self._gallery_streams[str(es.root)] = gallery
-            queries = ShardStream(es.queries.root, "query", resampled=False, shuffle=False, shuffle_buffer=0,
-                                  batch_size=self.eval_batch_size, rank=0, world_size=1, equal_steps=False,
-                                  decode_images=False)  # the reference feature comes from the gallery
-            for s in (gallery, queries):
-                loaders.append(DataLoader(s, batch_size=None, num_workers=self.eval_num_workers))
+                                  rank=rank, world_size=world, equal_steps=False)
+            wrapped = _GalleryStream(gallery)
+            wrapped.needed = self._gallery_needed.get((stage, i), True)
+            self._gallery_streams[(stage, i)] = wrapped
+            loaders.append(DataLoader(wrapped, batch_size=None, num_workers=self.eval_num_workers))
         return loaders
 
     def val_dataloader(self) -> Any:
         if self.val_set_paths:
-            return self._eval_loaders(self.eval_sets("val"))
+            return self._eval_loaders("val")
         return super().val_dataloader()
 
     def test_dataloader(self) -> Any:
         if not self.test_set_paths:
-            raise ValueError("no test sets: set data.init_args.test_sets to evaluation-set folders")
-        return self._eval_loaders(self.eval_sets("test"))
+            raise CirlabError("no test sets to evaluate on", "set data.init_args.test_sets to evaluation-set folders")
+        return self._eval_loaders("test")

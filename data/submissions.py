@@ -1,12 +1,18 @@
-"""Official test-server submission files for CIRR (recall, recall_subset) and CIRCO."""
+"""Official test-server submission files for CIRR (recall, recall_subset) and CIRCO.
+
+A protocol names its format (`Protocol.submission`); `SUBMISSION_FORMATS` maps that name to a writer,
+so a new benchmark with a server adds one writer here and names it in its protocol.json.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["write_cirr_submission", "write_circo_submission"]
+__all__ = ["write_cirr_submission", "write_circo_submission", "SUBMISSION_FORMATS", "SubmissionFormat"]
 
 CIRR_TOP = 50
 CIRR_SUBSET_TOP = 3
@@ -81,3 +87,30 @@ def write_circo_submission(query_ids: Sequence[int | str], ranked_ids: Sequence[
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(sub))
     return path
+
+
+@dataclass(frozen=True)
+class SubmissionFormat:
+    """A test server's file format: how many results it takes per query and the writer.
+
+    ``write(query_ids, ranked, subset_ranked, out_dir, split)`` returns the files written;
+    ``subset_top`` > 0 when the writer also needs each query's subset ranking (CIRR).
+    """
+
+    top: int
+    subset_top: int
+    write: Callable[..., list[Path]]
+
+
+def _write_cirr(query_ids, ranked, subset_ranked, out_dir, split) -> list[Path]:
+    return list(write_cirr_submission(query_ids, [r[:CIRR_TOP] for r in ranked], subset_ranked, out_dir, split=split))
+
+
+def _write_circo(query_ids, ranked, subset_ranked, out_dir, split) -> list[Path]:
+    return [write_circo_submission(query_ids, ranked, Path(out_dir) / f"circo_submission_{split}.json")]
+
+
+SUBMISSION_FORMATS: dict[str, SubmissionFormat] = {
+    "cirr": SubmissionFormat(CIRR_TOP, CIRR_SUBSET_TOP, _write_cirr),
+    "circo": SubmissionFormat(CIRCO_TOP, 0, _write_circo),
+}

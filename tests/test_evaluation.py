@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from cirlab.data.evalset import Protocol
-from cirlab.train.evaluation import GalleryIndex, QueryLog, group_average, protocol_score, score_queries, write_submission
+from cirlab.errors import CirlabError
+from cirlab.train.evaluation import (GalleryIndex, QueryLog, group_average, protocol_score, rank_queries,
+                                     score_queries, write_submission)
 
 
 def _gallery():
@@ -61,7 +63,7 @@ def test_map_with_several_ground_truths():
 
 def test_fashioniq_group_average_and_scores():
     res = {"fashioniq-dress": {"R@10": 10.0, "R@50": 30.0}, "fashioniq-shirt": {"R@10": 20.0, "R@50": 40.0}}
-    prot = {n: Protocol(n, group="fashioniq", recall_ks=[10, 50]) for n in res}
+    prot = {n: Protocol(n, group="fashioniq", recall_ks=[10, 50], score_keys=["R@10", "R@50"]) for n in res}
     avg = group_average(res, prot)["fashioniq"]
     assert avg["R@10"] == 15.0 and avg["R@50"] == 35.0 and avg["score"] == 25.0
     assert protocol_score(Protocol("cirr"), {"R@1": 1.0, "R@5": 2.0, "Rs@1": 3.0, "(R@5+Rs@1)/2": 100.0}) == 2.0
@@ -95,7 +97,7 @@ def test_dimension_mismatch_is_clear():
 
 
 def test_missing_reference_in_gallery_is_clear():
-    with pytest.raises(KeyError, match="not in the gallery"):
+    with pytest.raises(CirlabError, match="not in the gallery"):
         _gallery().lookup(["nope"])
 
 
@@ -107,10 +109,11 @@ def test_cirr_submission_files(tmp_path):
     qf[0, 0], qf[0, 1], qf[0, 2] = 1.0, 0.5, 0.1
     q = _queries(qf.tolist(), ["g0"], [None], subsets=[["g0", "g2", "g1", "g9"]])
     q.qids = ["17"]
-    p = Protocol("cirr", split="test1", exclude_reference=True, recall_ks=[1], subset_ks=[1], has_targets=False)
+    p = Protocol("cirr", split="test1", exclude_reference=True, recall_ks=[1], subset_ks=[1], has_targets=False,
+                 submission="cirr")
     m, ranked = score_queries(p, g, q)
     assert m == {}
-    paths = write_submission(p, g, q, ranked, tmp_path)
+    paths = write_submission(p, len(g), rank_queries(p, g, q), tmp_path)
     rec = json.loads(paths[0].read_text())
     sub = json.loads(paths[1].read_text())
     assert rec["version"] == "rc2" and rec["metric"] == "recall" and rec["17"][:2] == ["g1", "g2"]
@@ -122,7 +125,7 @@ def test_breakdown_by_a_list_field_is_a_clear_error():
     q = QueryLog.for_protocol(Protocol("synthetic", breakdown=["texts"]))
     q.add({"id": ["q0"], "ref_id": ["g0"], "target_id": ["g1"], "texts": [["make it red"]]},
           torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
-    with pytest.raises(ValueError, match="breakdown field 'texts' holds list"):
+    with pytest.raises(CirlabError, match="breakdown field 'texts' holds list"):
         score_queries(Protocol("synthetic", recall_ks=[1], breakdown=["texts"]), _gallery(), q)
 
 
@@ -134,3 +137,24 @@ def test_evaluate_prints_breakdowns_on_their_own_lines():
     assert text.splitlines() == ["synthetic: R@1 50.00, score 50.00",
                                  "  by change: add R@1 100.00, colour R@1 0.00",
                                  "  by composition: seen R@1 50.00"]
+
+
+def test_protocol_rules_come_from_its_fields_not_its_name():
+    # the same metrics scored under two rules: the protocol's score_keys decide, whatever the name
+    m = {"R@10": 10.0, "R@50": 30.0, "R@1": 2.0}
+    assert Protocol("anything", score_keys=["R@10", "R@50"]).selection_score(m) == 20.0
+    assert Protocol("fashioniq-dress").selection_score(m) == pytest.approx(14.0)  # no keys: every recall
+    # a protocol.json of cirlab 0.1 (no rule fields) keeps what its name meant then
+    old = Protocol.from_json({"name": "fashioniq-shirt", "recall_ks": [10, 50]})
+    assert old.score_keys == ["R@10", "R@50"]
+    assert Protocol.from_json({"name": "cirr"}).submission == "cirr"
+    assert Protocol.from_json({"name": "cirr", "submission": None, "score_keys": None}).submission is None
+
+
+def test_circo_reports_recall_of_the_target_next_to_map():
+    # ranking g3 (.9), g1 (.5), g2 (.3), g0 (0); target g2, gts {g1, g2}
+    q = _queries([[0.0, 0.5, 0.3, 0.9]], ["g0"], ["g2"], gts=[["g1", "g2"]])
+    p = Protocol("circo", recall_ks=[2, 3], map_ks=[3], score_keys=["mAP@3"])
+    m, _ = score_queries(p, _gallery(), q)
+    assert m["R@2"] == 0.0 and m["R@3"] == 100.0  # the target itself, not any ground truth
+    assert protocol_score(p, m) == pytest.approx(100 * (0.5 + 2 / 3) / 2)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+
+from cirlab.errors import CirlabError
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -66,6 +68,7 @@ def _lincir_checkpoint(world, tmp_path, pretrained) -> tuple[LinCIRTask, str]:
 
 def _manual_ranking(task, gallery, image, text):
     """The ranking computed directly from the task's features, to check the command against."""
+    task.prepare_for_evaluation()
     task.eval()
     tf = task.image_transform(train=False)
     with torch.no_grad():
@@ -97,7 +100,8 @@ def test_lincir_checkpoint_evaluates_and_retrieves_with_its_image_tower(small_wo
     raw = torch.load(ckpt, weights_only=True)
     assert not any(k.startswith("backbone.") for k in raw["state_dict"])  # phi only: the tower comes from file
     loaded = load_task(ckpt)
-    assert type(loaded) is LinCIRTask and loaded.backbone.model.visual is not None
+    assert type(loaded) is LinCIRTask and loaded.backbone.model.visual is None  # loaded when first needed
+    loaded.prepare_for_evaluation()
     for k, v in trained.phi.state_dict().items():
         assert torch.equal(loaded.phi.state_dict()[k], v)
     reference = Backbone("cirlab-tiny", str(tiny_clip_file))
@@ -136,12 +140,25 @@ def test_a_frozen_random_backbone_stays_in_the_checkpoint(small_world, tmp_path)
         assert torch.allclose(loaded.backbone.encode_text(tokens), trained.backbone.encode_text(tokens), atol=1e-6)
 
 
-def test_evaluating_a_task_built_without_its_image_tower_names_the_fix(small_world):
+def test_evaluating_a_task_built_without_its_image_tower(small_world, tiny_clip_file):
+    dm = lambda: RetrievalDataModule(test_sets=[str(small_world.path("eval/test"))], num_workers=0)  # noqa: E731
+    trainer = lambda: L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,  # noqa: E731
+                                enable_model_summary=False)
+    # from a pretrained backbone, evaluation loads the frozen image tower itself, equal to the file's
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", str(tiny_clip_file)),
+                      masking=MaskingConfig("lexicon", "synthetic"))
+    assert task.backbone.model.visual is None
+    trainer().test(task, datamodule=dm(), verbose=False)
+    assert task.last_results["synthetic"]["R@10"] >= 0
+    full = LinCIRTask(image_tower=True, backbone=BackboneConfig("cirlab-tiny", str(tiny_clip_file)))
+    images = torch.rand(2, 3, 64, 64)
+    full.eval()
+    with torch.no_grad():
+        assert torch.allclose(task.backbone.encode_image(images), full.backbone.encode_image(images), atol=1e-6)
+    # from random weights no tower can be rebuilt: one clear error
     task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny"), masking=MaskingConfig("lexicon", "synthetic"))
-    dm = RetrievalDataModule(test_sets=[str(small_world.path("eval/test"))], num_workers=0)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="--model.init_args.image_tower=true"):
-        trainer.test(task, datamodule=dm, verbose=False)
+    with pytest.raises(CirlabError, match="no image tower can be rebuilt"):
+        trainer().test(task, datamodule=dm(), verbose=False)
 
 
 def test_cirlab_test_with_a_lincir_checkpoint_adds_the_image_tower(small_world, tiny_clip_file, tmp_path, capsys):
@@ -186,7 +203,7 @@ def test_a_frozen_backbone_is_exported_as_a_pointer_to_its_source(small_world, t
     tokens = task.backbone.tokenize(["a small red circle"])
     with torch.no_grad():
         assert torch.equal(rebuilt.backbone.encode_text(tokens), task.backbone.encode_text(tokens))
-    with pytest.raises(FileNotFoundError, match="export folder"):
+    with pytest.raises(CirlabError, match="no backbone.safetensors or backbone.json"):
         exported_backbone(tmp_path)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cirlab.train.submissions import write_cirr_submission, write_circo_submission
+from cirlab.data.submissions import write_cirr_submission, write_circo_submission
 
 
 def _names(prefix, n):

@@ -7,13 +7,13 @@ from typing import Any, Optional
 import torch
 
 from cirlab.data.evalset import Protocol
-from cirlab.train.base import BaseTask
+from cirlab.train.composed import ComposedRetrievalTask
 from cirlab.train.config import BackboneConfig, EvalConfig
 
 MODES = ("image", "text", "sum")
 
 
-class BaselineTask(BaseTask):
+class BaselineTask(ComposedRetrievalTask):
     """Query = the reference image's feature, the text's feature, or their normalised sum. No training."""
 
     def __init__(self, mode: str = "sum", backbone: Optional[BackboneConfig] = None,

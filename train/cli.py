@@ -1,34 +1,53 @@
-"""The `cirlab` command: LightningCLI's fit/validate/test plus cirlab's own subcommands."""
+"""The `cirlab` command: LightningCLI's fit/validate/test/predict plus cirlab's own commands.
+
+Every command is looked up in `COMMANDS` and imported only when it runs, so `cirlab --help` starts
+without torch or Lightning. A user error (`cirlab.errors.CirlabError`) prints one line,
+``cirlab <command>: error: …``, and exits 2; ``--debug`` or ``CIRLAB_DEBUG=1`` shows the traceback.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
+import re
 import sys
-import warnings
 from typing import Callable, Optional
 
-from lightning.pytorch.cli import LightningCLI
+HELP = """usage: cirlab <command> [options]     (cirlab <command> --help: its options)
 
-HELP = """usage: cirlab <command> [options]
-
-Training (LightningCLI; recipes are YAML with class_path/init_args):
-  fit        train a recipe:            cirlab fit -c recipes/quickstart/combiner.yaml
+Training (LightningCLI; recipes are YAML with class_path/init_args, shipped ones by name):
+  fit        train a recipe:            cirlab fit -c quickstart/combiner
   validate   run the validation sets:   cirlab validate -c RECIPE --ckpt_path CKPT
   test       run the test sets:         cirlab test -c RECIPE --ckpt_path CKPT
   predict    (LightningCLI's own)
 
 cirlab commands:
-  data       write shards: convert (JSONL/CSV + images), synthetic, fashioniq, cirr, circo, mask
+  data       write shards: convert (JSONL/CSV + images, evaluation sets), synthetic, fashioniq, cirr,
+             circo, mask
   evaluate   evaluate a trained checkpoint on evaluation sets, print and save the metrics
   retrieve   top-k gallery images for a query image + text with a trained checkpoint (HTML page)
   import     turn a reference repository's released checkpoint into cirlab safetensors
+  recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
   demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
 
-`cirlab <command> --help` describes each command's options.
+Options of every command: --debug (show the traceback of an error).
+Recipe keys: docs/recipes.md.
 """
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+# command -> "module:function"; each function takes the remaining arguments and returns an exit code
+COMMANDS: dict[str, str] = {
+    "data": "cirlab.data.commands:cli",
+    "evaluate": "cirlab.train.commands:evaluate_cli",
+    "retrieve": "cirlab.train.retrieve:retrieve_cli",
+    "import": "cirlab.train.commands:import_cli",
+    "recipes": "cirlab.train.recipes:recipes_cli",
+    "demo": "cirlab.train.demo:demo_cli",
+    "slurm": "cirlab.train.slurm:slurm_cli",
+}
 
 # Messages that say nothing to a cirlab user (each checked: the behaviour they describe is intended).
 _NOISE = (
@@ -38,6 +57,7 @@ _NOISE = (
     r".*Found \d+ module\(s\) in eval mode",             # frozen backbones are in eval mode on purpose
     r".*all_gather is deprecated",
     r".*does not have many workers",
+    r".*Total length of .* across ranks is zero",        # an evaluation loader of a kept gallery
 )
 
 
@@ -48,6 +68,8 @@ class _DropTips(logging.Filter):
 
 def quiet_known_noise() -> None:
     """Silence known-harmless library chatter so that progress and results stay readable."""
+    import warnings
+
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -62,120 +84,104 @@ def precision_for_device(requested: str, on_cuda: bool, bf16_supported: bool) ->
     return requested
 
 
-class CirlabCLI(LightningCLI):
-    """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
+def _lightning_cli_class():
+    from lightning.pytorch.cli import LightningCLI
 
-    def add_arguments_to_parser(self, parser) -> None:
-        # CSV metrics and a rich progress bar unless the recipe names others (wandb, TensorBoard, …)
-        parser.set_defaults({
-            "trainer.default_root_dir": "runs",
-            "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-            "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
-        })
+    class CirlabCLI(LightningCLI):
+        """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
 
-    def before_instantiate_classes(self) -> None:
-        import torch
+        def add_arguments_to_parser(self, parser) -> None:
+            # CSV metrics and a rich progress bar unless the recipe names others (wandb, TensorBoard, …)
+            parser.set_defaults({
+                "trainer.default_root_dir": "runs",
+                "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                   "init_args": {"save_dir": "runs"}},
+                "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
+            })
 
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = cfg.get("trainer")
-        if trainer is None or trainer.get("precision") is None:
-            return
-        requested = str(trainer.precision)
-        on_cuda = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        chosen = precision_for_device(requested, on_cuda, on_cuda and torch.cuda.is_bf16_supported())
-        if chosen != requested:
-            logging.getLogger("cirlab").warning("this GPU has no bfloat16: trainer.precision %s -> %s", requested, chosen)
-            trainer.precision = chosen
+        def before_instantiate_classes(self) -> None:
+            import torch
 
-    def _parse_ckpt_path(self) -> None:
-        """Lightning replaces the model section with the checkpoint's hyperparameters; evaluating
-        subcommands then re-apply the task's `evaluation_overrides` (LinCIR's image tower)."""
-        super()._parse_ckpt_path()
-        sub = self.config.get("subcommand")
-        if sub not in ("validate", "test", "predict") or not self.config[sub].get("ckpt_path"):
-            return
-        model = self.config[sub].get("model")
-        class_path = getattr(model, "class_path", None)
-        if not class_path:
-            return
-        module, name = class_path.rsplit(".", 1)
-        cls = getattr(importlib.import_module(module), name, None)
-        for key, value in getattr(cls, "evaluation_overrides", {}).items():
-            model.init_args[key] = value
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = cfg.get("trainer")
+            if trainer is None or trainer.get("precision") is None:
+                return
+            requested = str(trainer.precision)
+            on_cuda = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            chosen = precision_for_device(requested, on_cuda, on_cuda and torch.cuda.is_bf16_supported())
+            if chosen != requested:
+                logging.getLogger("cirlab").warning("this GPU has no bfloat16: trainer.precision %s -> %s",
+                                                    requested, chosen)
+                trainer.precision = chosen
+
+    return CirlabCLI
 
 
-def run_lightning(args: Optional[list[str]]) -> int:
-    """LightningCLI over `args` (None: read sys.argv, as a console script)."""
-    saved = sys.argv
-    if args is not None:
-        sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments
-    try:
-        _cli(args)
-    finally:
-        sys.argv = saved
-    return 0
-
-
-def _cli(args: Optional[list[str]]) -> None:
+def run_lightning(args: list[str]):
+    """LightningCLI over `args` (e.g. ["fit", "-c", "quickstart/clip"]); returns the CLI object."""
     from lightning.pytorch import LightningDataModule
 
     from cirlab.train.base import BaseTask
+    from cirlab.train.recipes import resolve_recipe_args
 
-    CirlabCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
-              save_config_kwargs={"overwrite": True})
-
-
-def _data(argv: list[str]) -> int:
-    from cirlab.data.commands import cli
-
-    return cli(argv)
-
-
-def _evaluate(argv: list[str]) -> int:
-    from cirlab.train.commands import evaluate_cli
-
-    return evaluate_cli(argv)
+    args = resolve_recipe_args(list(args))
+    saved = sys.argv
+    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments
+    try:
+        return _lightning_cli_class()(BaseTask, LightningDataModule, subclass_mode_model=True,
+                                      subclass_mode_data=True, args=args,
+                                      save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = saved
 
 
-def _retrieve(argv: list[str]) -> int:
-    from cirlab.train.retrieve import retrieve_cli
+def _run_lightning_command(argv: list[str]) -> int:
+    from jsonargparse import ArgumentParser  # noqa: F401  (jsonargparse errors are SystemExit(2))
 
-    return retrieve_cli(argv)
-
-
-def _import(argv: list[str]) -> int:
-    from cirlab.train.commands import import_cli
-
-    return import_cli(argv)
+    run_lightning(argv)
+    return 0
 
 
-def _demo(argv: list[str]) -> int:
-    from cirlab.train.demo import demo_cli
-
-    return demo_cli(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "data": _data, "evaluate": _evaluate, "retrieve": _retrieve, "import": _import, "demo": _demo,
-}
+def _load(target: str) -> Callable[[list[str]], int]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("CIRLAB_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
     # wandb never phones home unless the user asks for it
     os.environ.setdefault("WANDB_MODE", "offline")
-    quiet_known_noise()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
-    if argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:]) or 0
-    if argv[0] not in ("fit", "validate", "test", "predict"):
-        print(f"cirlab: unknown command {argv[0]!r}\n", file=sys.stderr)
-        print(HELP, file=sys.stderr)
+    command = argv[0]
+    if command not in COMMANDS and command not in LIGHTNING_COMMANDS:
+        close = difflib.get_close_matches(command, list(COMMANDS) + list(LIGHTNING_COMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"cirlab: error: unknown command {command!r}{hint}; `cirlab --help` lists the commands",
+              file=sys.stderr)
         return 2
-    from_sys_argv = argv == sys.argv[1:]
-    return run_lightning(None if from_sys_argv else argv)
+    quiet_known_noise()
+    from cirlab.errors import CirlabError
+
+    try:
+        if command in LIGHTNING_COMMANDS:
+            return _run_lightning_command(argv)
+        return _load(COMMANDS[command])(argv[1:]) or 0
+    except CirlabError as err:
+        if debug:
+            raise
+        print(f"cirlab {command}: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"  hint: {err.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cirlab {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,46 +1,36 @@
-"""`cirlab evaluate` and `cirlab import`: a trained checkpoint on evaluation sets; released weights in."""
+"""`cirlab evaluate` and `cirlab import`: a trained checkpoint on evaluation sets; released weights in.
+
+Each command is a typed function; `run_function_command` builds its parser from the signature with
+jsonargparse (so every option is typed, documented by the docstring, and readable from a config file
+with `--config`), and the CLI imports it only when the command runs.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
+
+from cirlab.errors import CirlabError
+from cirlab.train.checkpointing import load_task  # noqa: F401  (the public place users import it from)
 
 
-TASK_MODULES = ("cirlab.train.clip_task", "cirlab.train.combiner_task", "cirlab.train.lincir_task",
-                "cirlab.train.baselines")
+def run_function_command(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> int:
+    """Parse `argv` against `fn`'s typed signature (jsonargparse, `--config` files too) and call it."""
+    from jsonargparse import ArgumentParser, ActionConfigFile
 
-
-def load_task(ckpt: str | Path, **overrides: Any):
-    """A task back from a Lightning checkpoint written by `cirlab fit` (any cirlab task class), ready to
-    evaluate: the class's `evaluation_overrides` apply (LinCIR gets its image tower), then ``overrides``."""
-    import importlib
-
-    import torch
-
-    from cirlab.train.base import BaseTask
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    for module in TASK_MODULES:  # each registers its recipe dataclasses as safe to unpickle
-        importlib.import_module(module)
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    class_path = ckpt.get("cirlab_task") or ckpt.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None or class_path.rsplit(".", 1)[0] not in TASK_MODULES:
-        raise ValueError(f"{path} was not written by a cirlab task (class {class_path!r}); "
-                         f"known task modules: {', '.join(TASK_MODULES)}")
-    module, name = class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    if not issubclass(cls, BaseTask):
-        raise ValueError(f"{class_path} is not a cirlab task")
-    kwargs = {**cls.evaluation_overrides, **overrides}
-    return cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True, **kwargs)
+    parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").strip().split("\n")[0],
+                            default_meta=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file")
+    parser.add_function_arguments(fn, as_group=False)
+    cfg = parser.parse_args(list(argv))
+    kwargs = {k: v for k, v in cfg.as_dict().items() if k != "config"}
+    result = fn(**kwargs)
+    return result if isinstance(result, int) else 0
 
 
 def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator: str = "auto",
-             precision: Optional[str] = None) -> dict[str, dict[str, float]]:
+             precision: Optional[str] = None, devices: int = 1) -> dict[str, dict[str, float]]:
     """Rank every evaluation set with the task; CIRR/CIRCO test splits also get their submission files."""
     import lightning as L
 
@@ -48,7 +38,7 @@ def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator:
 
     dm = RetrievalDataModule(test_sets=list(sets), eval_batch_size=batch_size, num_workers=0)
     kw = {"precision": precision} if precision else {}
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, **kw)
     trainer.test(task, datamodule=dm, verbose=False)
     return task.last_results
@@ -68,52 +58,68 @@ def format_metrics(name: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="cirlab evaluate",
-                                description="Evaluate a trained checkpoint on evaluation-set folders.")
-    p.add_argument("--ckpt", required=True, help="a .ckpt written by `cirlab fit`")
-    p.add_argument("--sets", nargs="+", required=True, help="evaluation-set folders (with protocol.json)")
-    p.add_argument("--out", default=None, help="write the metrics here as JSON")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument("--submission-dir", default=None, help="where CIRR/CIRCO test-server files go")
-    a = p.parse_args(list(argv))
-    task = load_task(a.ckpt)
-    if a.submission_dir:
-        task.eval_cfg.submission_dir = a.submission_dir
-    results = evaluate(task, a.sets, a.batch_size, a.accelerator)
+def evaluate_command(ckpt: str, sets: list[str], out: Optional[str] = None, batch_size: int = 128,
+                     accelerator: str = "auto", submission_dir: Optional[str] = None) -> int:
+    """Evaluate a trained checkpoint on evaluation-set folders, print the metrics (and save them).
+
+    Args:
+        ckpt: a .ckpt written by `cirlab fit` (any cirlab task)
+        sets: evaluation-set folders (with protocol.json)
+        out: write the metrics here as JSON
+        batch_size: images per encoding batch
+        accelerator: lightning accelerator (auto, cpu, gpu)
+        submission_dir: where CIRR/CIRCO test-server files go
+    """
+    from cirlab.data.evalset import load_eval_set
+
+    for s in sets:  # fail before loading the model, naming the folder
+        load_eval_set(s)
+    task = load_task(ckpt)
+    if submission_dir:
+        task.eval_cfg.submission_dir = submission_dir
+    results = evaluate(task, sets, batch_size, accelerator)
     for name, metrics in results.items():
         print(format_metrics(name, metrics))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=1))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def evaluate_cli(argv: Sequence[str]) -> int:
+    return run_function_command(evaluate_command, argv, "cirlab evaluate")
 
 
 IMPORT_KINDS = ("clip4cir-combiner", "pic2word", "searle-phi", "lincir-phi", "clip")
 
 
-def import_cli(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="cirlab import",
-                                description="Turn a reference repository's released checkpoint into safetensors.")
-    p.add_argument("--kind", required=True, choices=IMPORT_KINDS,
-                   help="clip = a CLIP state dict (CLIP4Cir stage-1 {'CLIP': …}, OpenAI or open_clip); needs --model")
-    p.add_argument("--src", required=True, help="the released file")
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--model", default=None, help="open_clip model name for --kind clip (e.g. RN50x4-quickgelu)")
-    a = p.parse_args(list(argv))
+def import_command(kind: Literal["clip4cir-combiner", "pic2word", "searle-phi", "lincir-phi", "clip"],
+                   src: str, out: str, model: Optional[str] = None) -> int:
+    """Turn a reference repository's released checkpoint into safetensors.
+
+    Args:
+        kind: the release format; clip = a CLIP state dict (CLIP4Cir stage-1 {'CLIP': …}, OpenAI or open_clip)
+        src: the released file
+        out: output .safetensors
+        model: open_clip model name for --kind clip (e.g. RN50x4-quickgelu)
+    """
     from safetensors.torch import save_file
 
-    if a.kind == "clip":
-        if not a.model:
-            p.error("--kind clip needs --model (the open_clip name the weights belong to)")
+    if kind == "clip":
+        if not model:
+            raise CirlabError("--kind clip needs --model", "name the open_clip model the weights belong to")
         from cirlab.models import Backbone
 
-        state = Backbone(a.model, a.src).merged_state_dict()
+        state = Backbone(model, src).merged_state_dict()
     else:
         from cirlab.models import import_reference_checkpoint
 
-        state = import_reference_checkpoint(a.src, a.kind).state_dict()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, a.out)
-    print(f"wrote {a.out} ({len(state)} tensors)")
+        state = import_reference_checkpoint(src, kind).state_dict()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out)
+    print(f"wrote {out} ({len(state)} tensors)")
     return 0
+
+
+def import_cli(argv: Sequence[str]) -> int:
+    return run_function_command(import_command, argv, "cirlab import")

@@ -19,8 +19,6 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-RECIPES = REPO / "recipes" / "quickstart"
 COLUMNS = ("R@1", "R@5", "R@10", "mAP@5", "mAP@10")
 
 # (world scenes, eval queries, clip epochs, stage-1 epochs, stage-2 epochs, lincir epochs)
@@ -35,12 +33,11 @@ def _fit(recipe: Path, out: Path, name: str, overrides: list[str]) -> Path:
     """Run `cirlab fit -c recipe` with the demo's paths; return the run's export folder."""
     from cirlab.train.cli import run_lightning
 
-    run_dir = out / "runs" / name
-    args = ["fit", "-c", str(recipe), f"--trainer.default_root_dir={run_dir}",
+    args = ["fit", "-c", str(recipe), f"--trainer.default_root_dir={out / 'runs' / name}",
             f"--trainer.logger.init_args.save_dir={out / 'runs'}", f"--trainer.logger.init_args.name={name}",
             *overrides]
-    run_lightning(args)
-    export = run_dir / "export"
+    cli = run_lightning(args)
+    export = Path(cli.trainer.log_dir) / "export"  # runs/<name>/version_<n>/export: each run its own
     if not export.is_dir():
         raise RuntimeError(f"{recipe.name} finished without writing {export}")
     return export
@@ -162,6 +159,9 @@ def write_report(path: Path, rows: dict[str, dict[str, float]], ranking: dict[st
 def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -> dict[str, dict[str, float]]:
     from cirlab.data.synthetic import build_world
 
+    from cirlab.train.recipes import recipes_root
+
+    RECIPES = recipes_root() / "quickstart"  # the shipped recipes: works from any folder after pip install
     cfg = SCALES[scale]
     out = Path(out)
     t0 = time.perf_counter()

@@ -82,6 +82,7 @@ def retrieve(task: Any, gallery: Sequence[Path], image: Path, text: str, k: int 
     from cirlab.data.evalset import Protocol
     from cirlab.train.ranking import rank
 
+    task.prepare_for_evaluation()  # e.g. the image tower a text-only run (LinCIR) left out
     task.eval()
     tf = task.image_transform(train=False)
     try:

@@ -102,8 +102,11 @@ def convert_circo(root: str | os.PathLike, out_dir: str | os.PathLike, splits: S
                         report.note(f"{split}: ground-truth image missing from the gallery", len(absent))
                     q["target_id"], q["gt_ids"] = str(r["target_img_id"]), gt
                 yield q
-        protocol = Protocol(name="circo", split=split, exclude_reference=False, recall_ks=[],
-                            map_ks=[5, 10, 25, 50], text_format="plain", has_targets=has_targets)
+        # Recall@K of the one target image is reported next to mAP@K, as the reference evaluation does;
+        # selection is by mAP
+        protocol = Protocol(name="circo", split=split, exclude_reference=False, recall_ks=[5, 10, 25, 50],
+                            map_ks=[5, 10, 25, 50], text_format="plain", has_targets=has_targets,
+                            score_keys=["mAP@5", "mAP@10", "mAP@25", "mAP@50"], submission="circo")
         es = write_eval(out / "eval" / split, protocol, queries(), gallery, maxcount)
         report.written[f"eval/{split}/queries"] = es.queries.total
     report.save()

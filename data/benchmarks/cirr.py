@@ -106,7 +106,9 @@ def convert_cirr(root: str | os.PathLike, out_dir: str | os.PathLike, splits: Se
                      "gt_ids": [r["target_hard"]] if has_targets else []}
                 yield q
         protocol = Protocol(name="cirr", split=split, exclude_reference=True, recall_ks=[1, 5, 10, 50],
-                            subset_ks=[1, 2, 3], text_format="plain", has_targets=has_targets)
+                            subset_ks=[1, 2, 3], text_format="plain", has_targets=has_targets, submission="cirr",
+                            # CLIP4Cir's model selection: the mean of these 7 (not the (R@5+Rs@1)/2 summary)
+                            score_keys=["R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3"])
         es = write_eval(out / "eval" / split, protocol, queries(), gallery(), maxcount, fmt)
         report.written[f"eval/{split}/queries"] = es.queries.total
         report.written[f"eval/{split}/gallery"] = es.gallery.total

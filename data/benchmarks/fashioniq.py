@@ -163,7 +163,7 @@ def convert_fashioniq(root: str | os.PathLike, out_dir: str | os.PathLike,
                     yield q
             protocol = Protocol(name=f"fashioniq-{cat}", split=split, exclude_reference=False,
                                 recall_ks=[10, 50], text_format="fashioniq", group="fashioniq",
-                                has_targets=has_targets)
+                                has_targets=has_targets, score_keys=["R@10", "R@50"])
             es = write_eval(out / "eval" / split / cat, protocol, queries(), gallery(), maxcount, fmt)
             report.written[f"eval/{split}/{cat}/queries"] = es.queries.total
             report.written[f"eval/{split}/{cat}/gallery"] = es.gallery.total
