@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import signal
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,7 +523,7 @@ class ShardStream(IterableDataset):
                         yield seen - 1, current
                         current = None
                     if current is None:
-                        current = {"__key__": prefix, "__url__": url}
+                        current = {"__key__": prefix, "__url__": url, "__offset__": seen}
                     current[suffix.lower()] = f["data"]
             if current is not None:
                 seen += 1
@@ -537,12 +538,26 @@ class ShardStream(IterableDataset):
                 key = f" near key {current['__key__']}" if current else ""
                 self._warn("tar", url, f"unreadable after {seen} samples{key}: {type(exn).__name__}: {exn}", url)
 
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Decode one raw sample; a random image transform draws from a generator seeded by the
+        sample itself (seed, epoch, shard, offset), so a resumed run augments exactly as an
+        uninterrupted one, whatever the worker or rank layout."""
+        if self.transform is None or not self.decode_images:
+            return decode_sample(raw, self.kind, self.transform, self.decode_images)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.seed, self.epoch, raw["__url__"], raw.get("__offset__")) % 2 ** 63)
+            return decode_sample(raw, self.kind, self.transform, self.decode_images)
+
     def _prepared(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return samples if self.prepare is None else self.prepare(samples)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         nw, phys = (info.num_workers, info.id) if info is not None else (1, 0)
+        if info is not None and hasattr(signal, "SIGUSR1"):
+            # SLURM sends its requeue warning to every process of the job step; the training process
+            # acts on it, a loader worker must not die of it (SIGUSR1's default action)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         # Rotate worker roles so the DataLoader's round robin (always starting at worker 0)
         # continues the interrupted order exactly.
         logical = (phys + self._items) % nw
@@ -560,7 +575,7 @@ class ShardStream(IterableDataset):
         try:
             for raw in reader:
                 try:
-                    sample = decode_sample(raw, self.kind, self.transform, self.decode_images)
+                    sample = self._decode(raw)
                 except DecodeError as exn:
                     self.stats.add(row, exn.reason)
                     self._warn(exn.reason, f"sample {raw['__key__']} of {raw['__url__']}", str(exn), raw["__url__"])
@@ -587,6 +602,9 @@ class ShardStream(IterableDataset):
 
 
 # --------------------------------------------------------------------------- one slot's reading
+
+
+PASS_END = ("pass-end",)  # a pool reader's marker: the slot's next pass over its shards begins
 
 
 def _first_kept(start: int, step: int, rem: int, only: list[int] | None) -> int | None:
@@ -671,6 +689,12 @@ class _PoolReader:
             return True
         return False
 
+    def _at_new_pass(self) -> bool:
+        if self.s.resampled or not self.cycle or self.u < len(self.units) or not self.mine:
+            return False
+        v = self.u - len(self.units) + self.base
+        return v > 0 and v % len(self.mine) == 0
+
     def read(self, unit: list, start: int, report: bool) -> Iterator[tuple[int, dict[str, Any]]]:
         """(offset, raw sample) that a unit keeps from ``start`` on."""
         i, ustart, step, rem, only = unit
@@ -693,6 +717,8 @@ class _PoolReader:
             if unit is None:
                 self.done = True
                 return
+            if self.off == 0 and self._at_new_pass():
+                yield PASS_END, {}  # the slot's buffer drains first: each pass is read exactly once
             # count a bad shard once: on the slot's first reading of it, by one slot of a shared shard
             report = self.off == 0 and (not self.by_sample or unit[0] % self.nslots == self.slot % self.nslots)
             got = False
@@ -770,7 +796,7 @@ class _Slot:
     def _next_raw(self) -> tuple[tuple[int, int, int], dict[str, Any]] | None:
         if len(self._iters) == 1:
             return next(self._iters[0], None)
-        while self.active:
+        while self.active:  # (passes of mixed pools interleave: no pass ends here)
             x = self._hash("mix", self.r) / 2.0 ** 64
             self.r += 1
             weights = [self.s.weights[a] for a in self.active]
@@ -781,6 +807,8 @@ class _Slot:
                     pick = a
                     break
             got = next(self._iters[pick], None)
+            while got is not None and got[0] is PASS_END:
+                got = next(self._iters[pick], None)
             if got is None:
                 self.active.remove(pick)
                 continue
@@ -791,14 +819,24 @@ class _Slot:
         size = self.size
         if size <= 1:
             while (x := self._next_raw()) is not None:
-                yield x[1]
+                if x[0] is not PASS_END:
+                    yield x[1]
             return
-        while not self.flush:
+        while True:
+            if self.flush:  # drain (shuffled) at a pass end or at the end of the data
+                while self.buf:
+                    yield self.buf.pop()[1]
+                self.flush = False
+                if self._exhausted():
+                    return
             x = self._next_raw()
-            if x is None:
-                self.flush = True
-                random.Random(self._hash("flush", self.e)).shuffle(self.buf)
-                break
+            if x is None or x[0] is PASS_END:
+                if self.buf:
+                    random.Random(self._hash("flush", self.e)).shuffle(self.buf)
+                    self.flush = True
+                elif x is None:
+                    return
+                continue
             if len(self.buf) < size:
                 self.buf.append(x)
                 continue
@@ -806,8 +844,9 @@ class _Slot:
             self.e += 1
             out, self.buf[j] = self.buf[j], x
             yield out[1]
-        while self.buf:
-            yield self.buf.pop()[1]
+
+    def _exhausted(self) -> bool:
+        return self.readers[0].done if len(self.readers) == 1 else not self.active
 
     @staticmethod
     def unread(stream: "ShardStream", slot: int, nslots: int, layout: dict[str, Any],

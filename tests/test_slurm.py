@@ -108,8 +108,14 @@ def cluster(tmp_path_factory):
         print(f"SLURM tests skipped: {reason}")
         pytest.skip(reason)
     c = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = c.env["SLURM_CONF"]  # sbatch inside submit() finds this cluster
     yield c
     c.stop()
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +156,8 @@ def _losses(run_dir: Path) -> list[float]:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def _log(c, sub_out: Path) -> str:
-    return "\n".join(p.read_text()[-3000:] for p in sorted(sub_out.glob("*.out")))
+def _log(c, sub_out: Path, tail: int = 3000) -> str:
+    return "\n".join(p.read_text()[-tail:] for p in sorted(sub_out.glob("*.out")))
 
 
 @pytest.mark.slow
@@ -186,7 +192,8 @@ def test_requeue_mid_epoch_resumes_exactly(cluster, tiny_world, tmp_path):
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, _log(cluster, jobs))
     run_dir = runs / "clip" / f"slurm-{sub.job_id}"
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file(), sorted(p.name for p in run_dir.iterdir())
-    out = _log(cluster, jobs)
+    out = _log(cluster, jobs, tail=10**6)
+    assert "Restoring states from the checkpoint path" in out and f"{run_dir}/hpc_ckpt_1.ckpt" in out
     assert "restart 0" in out and "restart 1" in out  # one log file, appended by the requeued job
 
     steps = read_record(record)

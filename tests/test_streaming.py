@@ -452,3 +452,13 @@ def test_truncated_shard_warns_once_then_counts(tmp_path, caplog):
     assert sum("shard-000001.tar" in m for m in lines) == 1, lines
     assert s.errors["tar"] >= 4
     assert any(f"{s.errors['tar'] - 1} more skipped" in m for m in lines), lines
+
+
+def test_buffer_larger_than_the_data_still_reads_each_sample_once_per_pass(tmp_path):
+    ids = _write(tmp_path / "d", [4] * 6)  # 24 samples; buffer 1000; 3 passes of 8 batches... of 3
+    s = make_dataset(tmp_path / "d", "pair", resampled=False, batch_size=3, shuffle_buffer=1000, seed=0,
+                     steps_per_epoch=24)
+    got = _drain(s)
+    for k in range(3):  # passes are drained one by one: each a permutation of the data
+        assert sorted(got[24 * k:24 * (k + 1)]) == sorted(ids), k
+    assert got[:24] != ids and got[:24] != got[24:48]  # shuffled, and reshuffled per pass

@@ -91,7 +91,40 @@ class SlurmRequeue(pl.Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         self._pending = True  # acted on at the next step boundary, never inside the step
 
+    @staticmethod
+    def _restore_metrics(trainer: pl.Trainer) -> None:
+        """Put the preempted job's metrics rows back in front of the requeued job's.
+
+        Lightning's CSV writer deletes an existing metrics.csv when it starts, so the sbatch script
+        moves it to metrics.csv.requeued before the requeued job starts (see slurm/*.sbatch)."""
+        import csv
+
+        from lightning.pytorch.loggers import CSVLogger
+
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, CSVLogger):
+                continue
+            path = Path(logger.log_dir) / "metrics.csv"
+            aside = path.with_name("metrics.csv.requeued")
+            if not aside.is_file():
+                continue
+            writer = logger.experiment
+            writer.save()  # rows of the new run so far go to their own file first
+            new_rows = list(csv.DictReader(open(path, newline=""))) if path.is_file() else []
+            old = list(csv.DictReader(open(aside, newline="")))
+            keys = sorted(set().union(*(r.keys() for r in old + new_rows)) | set(writer.metrics_keys))
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=keys)
+                out.writeheader()
+                out.writerows(old + new_rows)
+            writer.metrics_keys = keys
+            aside.unlink()
+            log.warning("requeued run: metrics appended to %s", path)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_metrics(trainer)
         # after Lightning registered its handlers (which save inside the signal handler): replace them
         if slurm_run_id() is not None:
             self._previous = signal.signal(self.signum, self._handler)
@@ -116,7 +149,10 @@ class SlurmRequeue(pl.Callback):
         if self._previous is None or not self._agreed(trainer):
             return
         self._pending = False
-        for logger in trainer.loggers:  # rows logged so far reach the file; the requeue appends after them
+        # this step's metrics are logged by Lightning after this hook, which this job never returns to:
+        # log them now, then flush, so the requeued job appends after them
+        trainer._logger_connector.update_train_step_metrics()
+        for logger in trainer.loggers:
             logger.save()
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)  # a collective: every rank's stream position is gathered
@@ -323,6 +359,7 @@ def submit(recipe: str, nodes: int = 1, gpus_per_node: int = 1, time: str = "24:
         # $RUN_ID is set by the script; keep these unquoted for the shell to expand
         "run_args": " ".join(f'"{a}"' for a in run_args),
         "args_file": str(script.with_suffix(".args")),
+        "run_dir": layout.run_dir("$RUN_ID"),
     }
     text = render((template_dir() / TEMPLATES[kind]).read_text(), values)
     script.write_text(text)
