@@ -189,3 +189,34 @@ def test_distillation_over_two_ranks_equals_the_global_batch(tmp_path):
         assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
         for g, ref in zip(got["grads"], [p.grad for p in t.phi.parameters()]):
             torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-4)
+
+
+def _test_run(task, eval_set):
+    import lightning as L
+
+    from cirlab.data.retrieval import RetrievalDataModule
+
+    dm = RetrievalDataModule(test_sets=[str(eval_set)], eval_batch_size=64, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(task, datamodule=dm, verbose=False)
+    return task.last_results["synthetic"]
+
+
+def test_searle_and_searle_oti_evaluate_through_lightning(pipeline):
+    from safetensors.torch import load_file
+
+    from cirlab.train.base import exported_backbone
+
+    export, out = pipeline["export"], pipeline["out"]
+    eval_set = pipeline["world"].path("eval/test")
+    cfg = BackboneConfig("cirlab-tiny", exported_backbone(export), image_transform="targetpad")
+    searle = SEARLETask(backbone=cfg)
+    searle.phi.load_state_dict(load_file(str(export / "phi.safetensors")))
+    by_phi = _test_run(searle, eval_set)
+    oti = SEARLETask(inversion="oti", concepts=str(out / "concepts"), phrases=str(out / "phrases.jsonl"),
+                     oti=OTIConfig(steps=3, batch_size=16), backbone=cfg)
+    by_oti = _test_run(oti, eval_set)
+    for m in (by_phi, by_oti):
+        assert {"R@1", "R@5", "R@10"} <= set(m) and all(0.0 <= m[k] <= 100.0 for k in ("R@1", "R@5", "R@10"))
+    assert oti._oti_state is not None and len(oti._oti_state["done"]) > 0  # inverted at query time
