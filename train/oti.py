@@ -262,8 +262,9 @@ def run_oti(images: str, out: str, model_name: str = "ViT-B-32-quickgelu", pretr
     bank, image_concepts = None, {}
     if cfg.lambda_reg > 0:
         image_concepts = load_image_concepts(concepts or Path(images) / "concepts")
-        cache = FeatureCache(cache_dir or out_dir / "feature_cache", fp,
-                             "phrases" + ("" if cfg.precision.startswith("32") else "-" + cfg.precision))
+        # the same space name as SEARLETask's phrase cache ("phrases", "-bfloat16"/"-float16" when mixed)
+        tag = {"bf16-mixed": "-bfloat16", "16-mixed": "-float16"}.get(cfg.precision, "")
+        cache = FeatureCache(cache_dir or out_dir / "feature_cache", fp, "phrases" + tag)
         bank = PhraseBank(load_phrases(phrases), cfg.top_k, cache)
     tokens = _Tokens(backbone.tokenize)
     tf = backbone.transform(image_transform, train=False)
