@@ -15,6 +15,9 @@ USAGE = """usage: cirlab data <command> [options]
   cirr        CIRR's official files -> training triplets + evaluation sets (+ test1 for submissions)
   circo       CIRCO's official files + COCO unlabeled images -> evaluation sets
   mask        add LinCIR's keyword-masked form to text shards (so training does no tagging)
+  llava       a LLaVA visual-instruction JSON file + its images -> instruction shards (FocalLens)
+  genecis     one GeneCIS task's json + COCO / Visual Genome images -> an evaluation set
+  conditional the synthetic world's conditional-retrieval evaluation set (FocalLens)
 
 `cirlab data <command> --help` lists each command's options.
 """
@@ -47,6 +50,22 @@ def mask_cli(argv: Sequence[str]) -> int:
     return 0
 
 
+# subcommands made from typed functions (options from their signatures, `--config` files too)
+_TYPED = {
+    "llava": "cirlab.data.llava:convert_llava",
+    "genecis": "cirlab.data.benchmarks.genecis:convert_genecis",
+    "conditional": "cirlab.data.synthetic_conditional:write_conditional_set",
+}
+
+
+def _show_written(result: object) -> None:
+    """A report's summary, or what an evaluation set holds."""
+    if hasattr(result, "summary"):
+        print(result.summary())
+    elif hasattr(result, "queries") and hasattr(result, "gallery"):
+        print(f"wrote {result.queries.total} queries and {result.gallery.total} gallery images to {result.root}")
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -59,6 +78,14 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         return convert_cli(rest)
     if cmd == "mask":
         return mask_cli(rest)
+    if cmd in _TYPED:
+        from cirlab.typed_commands import run_function_command
+
+        module, name = _TYPED[cmd].split(":")
+        import importlib
+
+        fn = getattr(importlib.import_module(module), name)
+        return run_function_command(fn, rest, f"cirlab data {cmd}", show=_show_written)
     if cmd in ("synthetic", "fashioniq", "cirr", "circo"):
         from cirlab.data.benchmarks import cli as benchmarks_cli
 

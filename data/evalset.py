@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from cirlab.errors import CirlabError
 from cirlab.data.shards import ShardIndex, read_index, write_shards
 
 
@@ -69,6 +70,10 @@ _LEGACY_RULES: dict[str, dict[str, Any]] = {
 }
 
 
+class EvalSetError(CirlabError, FileNotFoundError):
+    """A folder that is not an evaluation set (a FileNotFoundError too)."""
+
+
 @dataclass
 class EvalSet:
     root: Path
@@ -93,7 +98,8 @@ def load_eval_set(path: str | os.PathLike) -> EvalSet:
     root = Path(path)
     pfile = root / "protocol.json"
     if not pfile.is_file():
-        raise FileNotFoundError(f"{root} is not an evaluation set (no protocol.json); "
-                                "build one with `cirlab data` or the synthetic world")
+        raise EvalSetError(f"{root} is not an evaluation set (no protocol.json)",
+                           "build one with `cirlab data convert --kind evalset`, a benchmark's `cirlab data` "
+                           "command, or the synthetic world")
     protocol = Protocol.from_json(json.loads(pfile.read_text()))
     return EvalSet(root, protocol, read_index(root / "queries"), read_index(root / "gallery"))

@@ -22,6 +22,7 @@ from torch import nn
 
 from cirlab.models import lora as _lora
 from cirlab.models.loading import load_into_open_clip, looks_like_path, quiet_random_init
+from cirlab.models.text_context import note_cut_texts
 from cirlab.models.transforms import build_transform
 
 
@@ -221,7 +222,10 @@ class Backbone(nn.Module):
         """Token ids (B, context_length) with the model's tokenizer (longer texts are cut, EOT kept)."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.tokenizer(list(texts))
+        texts = list(texts)
+        # a text cut to the context is counted (one warning per run, then a summary), never silent
+        note_cut_texts(texts, self.context_length, self.tokenizer.encode, what="texts")
+        return self.tokenizer(texts)
 
     def transform(self, kind: str = "clip", train: bool = False, **kw: Any) -> Callable:
         """PIL image -> tensor for this model's input size and mean/std (see transforms.build_transform)."""

@@ -6,6 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
+
+from cirlab.models.pixels import to_rgb
 from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize, RandomResizedCrop, Resize,
                                     ToTensor)
 from torchvision.transforms import functional as TF
@@ -17,8 +19,9 @@ TRANSFORM_KINDS = ("clip", "targetpad", "squarepad")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (L, P, RGBA, CMYK, ...) to RGB before padding, so the pad colour is real black."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """Convert any PIL mode (L, P, RGBA, CMYK, 16-bit, ...) to RGB before padding, so the pad colour is real
+    black; high-bit-depth values are scaled to 8 bits, never clipped."""
+    return to_rgb(image)
 
 
 class TargetPad:

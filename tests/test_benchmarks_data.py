@@ -263,8 +263,10 @@ def test_circo_conversion(circo_root, tmp_path):
     rep = convert_circo(circo_root, out)
     val = load_eval_set(out / "eval" / "val")
     p = val.protocol
-    assert (p.name, p.exclude_reference, p.recall_ks, p.map_ks, p.has_targets) == \
-        ("circo", False, [], [5, 10, 25, 50], True)
+    # the reference evaluation reports Recall@K of the target next to mAP@K; selection is by mAP
+    assert (p.name, p.exclude_reference, p.recall_ks, p.map_ks, p.has_targets, p.submission) == \
+        ("circo", False, [5, 10, 25, 50], [5, 10, 25, 50], True, "circo")
+    assert p.score_keys == ["mAP@5", "mAP@10", "mAP@25", "mAP@50"]
     gallery = samples(val.root / "gallery")          # read through the shared gallery's index
     expected = ["31", "7", "512", "1024", "99"] if layout == "image_info" else ["7", "31", "99", "512", "1024"]
     assert [g["id"] for g in gallery] == expected

@@ -30,9 +30,11 @@ def test_demo_fast_runs_every_step(tmp_path):
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("<img") >= 8 and "Combiner" in page
     runs = tmp_path / "demo" / "runs"
+    assert (tmp_path / "demo" / "report.png").is_file()  # the grid for papers and slides
+    export = lambda run: runs / run / "version_0" / "export"  # noqa: E731  (each run its own version)
     for run in ("clip", "combiner-stage1"):  # trained backbones: their weights
-        assert (runs / run / "export" / "backbone.safetensors").is_file()
+        assert (export(run) / "backbone.safetensors").is_file()
     for run, source in (("combiner", "combiner-stage1"), ("lincir", "clip")):  # frozen: a pointer, no copy
-        assert not (runs / run / "export" / "backbone.safetensors").exists()
-        pointer = json.loads((runs / run / "export" / "backbone.json").read_text())
-        assert pointer["pretrained"] == str((runs / source / "export" / "backbone.safetensors").resolve())
+        assert not (export(run) / "backbone.safetensors").exists()
+        pointer = json.loads((export(run) / "backbone.json").read_text())
+        assert pointer["pretrained"] == str((export(source) / "backbone.safetensors").resolve())

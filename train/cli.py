@@ -104,7 +104,13 @@ def _lightning_cli_class():
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer = cfg.get("trainer")
-            if trainer is None or trainer.get("precision") is None:
+            if trainer is None:
+                return
+            if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+                # the default rich bar would make Lightning refuse `enable_progress_bar: false`
+                trainer.callbacks = [c for c in trainer.callbacks
+                                     if not str(getattr(c, "class_path", "")).endswith("ProgressBar")]
+            if trainer.get("precision") is None:
                 return
             requested = str(trainer.precision)
             on_cuda = str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -117,7 +123,7 @@ def _lightning_cli_class():
     return CirlabCLI
 
 
-def run_lightning(args: list[str]):
+def run_lightning(args: list[str], exit_on_error: bool = True):
     """LightningCLI over `args` (e.g. ["fit", "-c", "quickstart/clip"]); returns the CLI object."""
     from lightning.pytorch import LightningDataModule
 
@@ -130,15 +136,60 @@ def run_lightning(args: list[str]):
     try:
         return _lightning_cli_class()(BaseTask, LightningDataModule, subclass_mode_model=True,
                                       subclass_mode_data=True, args=args,
-                                      save_config_kwargs={"overwrite": True})
+                                      save_config_kwargs={"overwrite": True},
+                                      parser_kwargs={"exit_on_error": exit_on_error})
     finally:
         sys.argv = saved
 
 
-def _run_lightning_command(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser  # noqa: F401  (jsonargparse errors are SystemExit(2))
+def _class_keys(class_path: str) -> list[str]:
+    """The recipe keys a class takes: its dataclass fields or constructor arguments."""
+    import dataclasses
+    import inspect
 
-    run_lightning(argv)
+    module, name = class_path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:
+        return []
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    keys: list[str] = []
+    for klass in cls.__mro__:  # subclasses pass **kwargs on: collect the whole chain
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        keys += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs") and p not in keys]
+    return keys
+
+
+def recipe_error_message(message: str) -> str:
+    """jsonargparse's nested error as one line: the bad key, where it was given, the closest valid key."""
+    bad = re.search(r"Option '([^']+)' is not accepted|Unrecognized arguments: (\S+)|Key \"([^\"]+)\" is not", message)
+    if bad:
+        key = next(g for g in bad.groups() if g).lstrip("-")
+        owners = re.findall(r"class_path '([\w.]+)'", message[:bad.start()])
+        owner = owners[-1] if owners else None
+        valid = _class_keys(owner) if owner else []
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+        where = f" in {owner}" if owner else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"recipe key {key!r} does not exist{where}{hint}; every key is listed in docs/recipes.md and "
+                "by `cirlab fit -c RECIPE --print_config`")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith(("Subtypes:", "Errors:", "Given value", "- Expected a"))]
+    return "; ".join(detail[-2:] if len(detail) > 2 else detail)
+
+
+def _run_lightning_command(argv: list[str]) -> int:
+    import argparse
+
+    from cirlab.errors import CirlabError
+
+    try:
+        run_lightning(argv, exit_on_error=False)
+    except argparse.ArgumentError as err:
+        raise CirlabError(recipe_error_message(str(err)), f"`cirlab {argv[0]} --help` shows the options") from None
     return 0
 
 
@@ -178,6 +229,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"cirlab {command}: error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"  hint: {err.hint}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # Lightning's verdict on a trainer setting is the user's to fix: one line too
+        if debug or type(err).__name__ != "MisconfigurationException":
+            raise
+        print(f"cirlab {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print("  hint: check the recipe's trainer section (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cirlab {command}: interrupted", file=sys.stderr)

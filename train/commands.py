@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 from cirlab.errors import CirlabError
+from cirlab.typed_commands import run_function_command
 from cirlab.train.checkpointing import load_task  # noqa: F401  (the public place users import it from)
-
-
-def run_function_command(fn: Callable[..., Any], argv: Sequence[str], prog: str) -> int:
-    """Parse `argv` against `fn`'s typed signature (jsonargparse, `--config` files too) and call it."""
-    from jsonargparse import ArgumentParser, ActionConfigFile
-
-    parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").strip().split("\n")[0],
-                            default_meta=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file")
-    parser.add_function_arguments(fn, as_group=False)
-    cfg = parser.parse_args(list(argv))
-    kwargs = {k: v for k, v in cfg.as_dict().items() if k != "config"}
-    result = fn(**kwargs)
-    return result if isinstance(result, int) else 0
 
 
 def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator: str = "auto",

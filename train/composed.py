@@ -141,6 +141,10 @@ class ComposedRetrievalTask(BaseTask):
         self._tell_datamodule(stage, getattr(trainer, "datamodule", None))
         if ctx.sanity:
             return {}
+        from cirlab.models.text_context import cut_text_summaries
+
+        for line in cut_text_summaries():
+            log.warning("%s", line)
         flat = {f"{stage}/{n}/{k}": v for n, m in results.items() for k, v in m.items()}
         if ev.selection_score is not None:
             flat[f"{stage}/score"] = ev.selection_score

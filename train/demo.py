@@ -9,8 +9,6 @@ and write a report page with a few queries and their top results.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import time
 from pathlib import Path
@@ -77,14 +75,14 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
         rows[label], ranks[label] = _test(task, test_set)
     s1 = CombinerTask(stage=1, backbone=BackboneConfig(tiny, exported_backbone(stage1),
                                                        image_transform="targetpad"))
-    rows["CLIP4Cir stage 1 (fine-tuned sum)"], ranks["stage1"] = _test(s1, test_set)
+    rows["CLIP4Cir stage 1 (fine-tuned sum)"], ranks["CLIP4Cir stage 1 (fine-tuned sum)"] = _test(s1, test_set)
     s2 = CombinerTask(stage=2, backbone=BackboneConfig(tiny, exported_backbone(stage2),
                                                        image_transform="targetpad"))
     _load_module(s2.combiner, stage2 / "combiner.safetensors")
-    rows["CLIP4Cir Combiner (stage 2)"], ranks["Combiner"] = _test(s2, test_set)
+    rows["CLIP4Cir Combiner (stage 2)"], ranks["CLIP4Cir Combiner (stage 2)"] = _test(s2, test_set)
     lc = LinCIRTask(image_tower=True, backbone=BackboneConfig(tiny, exported_backbone(lincir)))
     _load_module(lc.phi, lincir / "phi.safetensors")
-    rows["LinCIR (text-only training)"], ranks["LinCIR"] = _test(lc, test_set)
+    rows["LinCIR (text-only training)"], ranks["LinCIR (text-only training)"] = _test(lc, test_set)
     return rows, ranks
 
 
@@ -128,32 +126,6 @@ def _gallery_images(test_set: Path) -> dict[str, bytes]:
         s["image"].save(buf, format="PNG")
         out[s["id"]] = buf.getvalue()
     return out
-
-
-def write_report(path: Path, rows: dict[str, dict[str, float]], ranking: dict[str, Any], test_set: Path,
-                 n_queries: int = 8, top: int = 5) -> Path:
-    """An HTML page: the table, then a few queries with the Combiner's top results (green = correct)."""
-    images = _gallery_images(test_set)
-
-    def img(i: str, ok: Optional[bool] = None) -> str:
-        border = "" if ok is None else ("border:3px solid #2a2" if ok else "border:3px solid #ccc")
-        data = base64.b64encode(images[i]).decode()
-        return f'<img src="data:image/png;base64,{data}" width="96" height="96" style="{border}" title="{html.escape(i)}">'
-
-    parts = ["<html><head><meta charset='utf-8'><title>cirlab demo</title></head><body style='font-family:sans-serif'>",
-             "<h1>cirlab quickstart: composed retrieval on the synthetic world (held-out test split)</h1>",
-             "<table border=1 cellpadding=4><tr><th>method</th>" + "".join(f"<th>{c}</th>" for c in COLUMNS) + "</tr>"]
-    for n, m in rows.items():
-        parts.append(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{m.get(c, float('nan')):.1f}</td>" for c in COLUMNS) + "</tr>")
-    parts.append("</table><h2>Combiner: queries and top results</h2>")
-    for i in range(min(n_queries, len(ranking["query_ids"]))):
-        gts = set(ranking["gt_ids"][i])
-        res = "".join(img(r, r in gts) for r in ranking["ranked"][i][:top])
-        parts.append(f"<p><b>{html.escape(ranking['texts'][i][0])}</b><br>reference {img(ranking['ref_ids'][i])}"
-                     f" &rarr; {res}</p>")
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
-    return path
 
 
 def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -> dict[str, dict[str, float]]:
@@ -203,7 +175,12 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
             rows, "R@10 by edit type and by composition (held_out = target holds an unseen colour+shape)", by_type)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(md + "\n")
-    report = write_report(out / "report.html", rows, ranks["Combiner"], test_set)
+    from cirlab.train.report import write_report
+
+    n_queries = world.counts.get("eval/test/queries", "?")
+    report = write_report(out / "report.html", rows, ranks, _gallery_images(test_set), COLUMNS,
+                          title="cirlab quickstart: composed retrieval on the synthetic world",
+                          subtitle=f"held-out test split, {n_queries} queries; every method's top 5, hits marked")
     print(f"report page: {report}   results: {out / 'results.json'}")
     return rows
 

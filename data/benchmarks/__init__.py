@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from cirlab.data.evalset import EvalSet, Protocol
+from cirlab.data.images import to_rgb
 from cirlab.data.shards import INDEX_NAME, ShardIndex, read_index, write_shards
 
 BENCHMARKS = ("fashioniq", "cirr", "circo")
@@ -87,7 +88,7 @@ def image_bytes(path: Path, image_format: str) -> bytes:
     if want_png:
         img.save(buf, format="PNG")
     else:
-        img.convert("RGB").save(buf, format="JPEG", quality=95)
+        to_rgb(img).save(buf, format="JPEG", quality=95)  # 16-bit sources scaled, not clipped
     return buf.getvalue()
 
 
