@@ -98,6 +98,15 @@ class LocalSlurm:
         raise RuntimeError(f"SLURM did not come up: sinfo says {out!r}; see {r}/slurmctld.log")
 
     def stop(self) -> None:
+        """Cancel every job of this cluster (slurmstepd outlives slurmd), then stop the daemons."""
+        subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], capture_output=True, env=self.env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-t", "R,CG,PD"], capture_output=True, text=True, env=self.env)
+            if out.returncode != 0 or not out.stdout.strip():
+                break
+            subprocess.run(["scancel", "--user=root"], capture_output=True, env=self.env)
+            time.sleep(1.0)
         for pid_file in ("slurmd-n1.pid", "slurmd-n2.pid", "slurmctld.pid", "munge/pid"):
             p = self.root / pid_file
             if p.is_file():

@@ -217,10 +217,12 @@ def test_two_nodes_match_one_node_with_two_processes(cluster, tiny_world, tmp_pa
     for nodes, per_node in ((2, 1), (1, 2)):
         subs[nodes] = submit(RECIPE, nodes=nodes, gpus_per_node=per_node, time="00:15:00", accelerator="cpu",
                              cpus_per_task=1, overrides=common + ["--trainer.strategy=ddp"],
-                             env=_env(tmp_path / f"rec{nodes}.jsonl"), out_dir=str(tmp_path / f"jobs{nodes}"),
+                             # the test's nodes are named n1, n2 (not host names): rendezvous on this host
+                             env=dict(_env(tmp_path / f"rec{nodes}.jsonl"), MASTER_ADDR="127.0.0.1"),
+                             out_dir=str(tmp_path / f"jobs{nodes}"),
                              job_name=f"n{nodes}")
     for nodes, sub in subs.items():
-        (rec,) = cluster.wait(sub.job_id, timeout=400)
+        (rec,) = cluster.wait(sub.job_id, timeout=240)
         assert rec["JobState"] == "COMPLETED", _log(cluster, tmp_path / f"jobs{nodes}")
     assert cluster.job(subs[2].job_id)["NodeList"] == "n[1-2]"
     a, b = (runs / "clip" / f"slurm-{subs[n].job_id}" for n in (2, 1))
@@ -239,7 +241,7 @@ def test_job_array_runs_each_override_set_in_its_own_folder(cluster, tiny_world,
     common = _common(tiny_world, runs) + ["--trainer.max_steps=1", "--trainer.max_epochs=1"]
     sub = submit(RECIPE, array=str(sweep), time="00:15:00", accelerator="cpu", cpus_per_task=1, overrides=common,
                  env=_env(tmp_path / "rec.jsonl"), out_dir=str(tmp_path / "jobs"), job_name="sweep")
-    recs = cluster.wait(sub.job_id, timeout=400)
+    recs = cluster.wait(sub.job_id, timeout=240)
     assert len(recs) == 3 and all(r["JobState"] == "COMPLETED" for r in recs), _log(cluster, tmp_path / "jobs")
     folders = sorted((runs / "clip").iterdir())
     assert [f.name for f in folders] == [f"slurm-{sub.job_id}_{i}" for i in range(3)]
