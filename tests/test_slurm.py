@@ -249,3 +249,28 @@ def test_job_array_runs_each_override_set_in_its_own_folder(cluster, tiny_world,
         cfg = yaml.safe_load((folder / "config.yaml").read_text())
         assert cfg["model"]["init_args"]["optimizer"]["lr"] == pytest.approx(lr)
         assert (folder / "export" / "backbone.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+def test_consolidate_a_distributed_checkpoint_folder(tmp_path):
+    """A torch.distributed.checkpoint folder (FSDP's sharded layout) gives back the model's tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    from cirlab.train.sharded import consolidate_checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    state = {"model": model.state_dict(), "optimizer": {"lr": torch.tensor(0.1)}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "sharded"), no_dist=True)
+    torch.save({"epoch": 1}, tmp_path / "sharded" / "meta.pt")
+    got = consolidate_checkpoint(tmp_path / "sharded")
+    assert got.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v), k
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "plain.ckpt")
+    assert all(torch.equal(consolidate_checkpoint(tmp_path / "plain.ckpt")[k], v) for k, v in model.state_dict().items())
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CirlabError, match="neither an FSDP"):
+        consolidate_checkpoint(tmp_path / "other")
