@@ -91,15 +91,21 @@ def load_vocabulary(source: str | os.PathLike | Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- features and ranking
 @torch.no_grad()
 def concept_text_features(encode_text: Callable[[list[str]], torch.Tensor], concepts: Sequence[str],
-                          templates: Sequence[str] = CONCEPT_TEMPLATES, progress: bool = False) -> torch.Tensor:
+                          templates: Sequence[str] = CONCEPT_TEMPLATES, progress: bool = False,
+                          concepts_per_pass: int = 16) -> torch.Tensor:
     """(C, D) normalised concept features: normalise(mean_t normalise(text(template_t(" c "))))."""
     from tqdm.auto import tqdm
 
     feats = []
-    for c in tqdm(concepts, desc="concept features", unit="concept", disable=not progress, mininterval=2.0):
-        f = F.normalize(encode_text([t.format(f" {c} ") for t in templates]).float(), dim=-1)
-        feats.append(F.normalize(f.mean(dim=0), dim=-1))
-    return torch.stack(feats)
+    nt = len(templates)
+    bar = tqdm(total=len(concepts), desc="concept features", unit="concept", disable=not progress, mininterval=2.0)
+    for s in range(0, len(concepts), concepts_per_pass):  # several concepts' templates per forward pass
+        chunk = concepts[s:s + concepts_per_pass]
+        f = F.normalize(encode_text([t.format(f" {c} ") for c in chunk for t in templates]).float(), dim=-1)
+        feats.append(F.normalize(f.view(len(chunk), nt, -1).mean(dim=1), dim=-1))
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(feats)
 
 
 def top_k_concepts(image_features: torch.Tensor, concept_features: torch.Tensor, k: int) -> torch.Tensor:

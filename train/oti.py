@@ -65,6 +65,17 @@ class OTIConfig:
             raise CirlabError(f"OTI ema_decay={self.ema_decay} must lie in [0, 1)")
         return self
 
+    @classmethod
+    def of(cls, value: "OTIConfig | dict | None") -> "OTIConfig":
+        """The config itself, one from a dict (a parsed command line), or the defaults; checked."""
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise CirlabError(f"unknown OTI setting(s) {sorted(unknown)}",
+                                  f"known: {', '.join(cls.__dataclass_fields__)}")
+            value = cls(**value)
+        return (value or cls()).check()
+
 
 torch.serialization.add_safe_globals([OTIConfig])  # recipe section of SEARLETask: weights_only checkpoints
 
@@ -230,7 +241,7 @@ def run_oti(images: str, out: str, model_name: str = "ViT-B-32-quickgelu", pretr
     """
     from tqdm.auto import tqdm
 
-    cfg = (oti or OTIConfig()).check()
+    cfg = OTIConfig.of(oti)
     rank, world_size = rank_world(rank, world_size)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ class SEARLETask(ComposedRetrievalTask):
         self.top_k_concepts = top_k_concepts
         self.prompt = prompt
         self.inversion = inversion
-        self.oti_cfg = (oti or OTIConfig()).check()
+        self.oti_cfg = OTIConfig.of(oti)
         self.cache_dir = cache_dir
         self.seed = seed
         self.rng = random.Random(seed)
