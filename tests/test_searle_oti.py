@@ -311,3 +311,22 @@ def test_a_killed_oti_job_resumes_without_redoing_finished_shards(oti_world, tmp
     assert not list(out.glob("*.tmp"))
     ids, _ = load_oti_tokens(out)
     assert len(ids) == len(set(ids)) == 48
+
+
+def test_the_searle_commands_run_the_jobs_from_a_command_line(oti_world, tmp_path, capsys):
+    from cirlab.train.searle_commands import searle_cli
+
+    phrases = tmp_path / "p.jsonl"
+    assert searle_cli(["phrases", "--source", "synthetic", "--concepts", "synthetic", "--out", str(phrases),
+                       "--n", "3"]) == 0
+    assert all(len(v) == 3 for v in __import__("cirlab.data.phrases", fromlist=["x"]).load_phrases(phrases).values())
+    args = ["oti", "--images", oti_world["images"], "--out", str(tmp_path / "oti"), "--concepts", oti_world["concepts"],
+            "--phrases", str(phrases), "--model-name", "cirlab-tiny", "--pretrained", "null", "--oti.steps", "2",
+            "--oti.batch_size", "16"]
+    assert searle_cli(args) == 0
+    assert "3 shard(s) written" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "oti" / "oti.json").read_text())
+    assert meta["config"]["steps"] == 2 and meta["config"]["batch_size"] == 16 and meta["config"]["lr"] == 0.02
+    assert len(load_oti_tokens(tmp_path / "oti")[0]) == 48
+    with pytest.raises(CirlabError, match="unknown searle command"):
+        searle_cli(["otti"])
