@@ -32,6 +32,7 @@ whitespace runs are also collapsed before tagging (the quirk mode keeps the refe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -41,6 +42,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.data.shards import ShardIndex, read_index, write_shards
+from cirlab.errors import CirlabError
+
+log = logging.getLogger(__name__)
 
 KEYWORD_POS = frozenset({"NOUN", "PROPN", "ADJ", "DET"})
 PLACEHOLDER = "$"
@@ -137,13 +141,21 @@ class KeywordMasker:
         if tagger in ("auto", "spacy"):
             try:
                 self._nlp = _load_spacy(spacy_model)
-            except (ImportError, OSError):
+            except (ImportError, OSError) as err:
                 if tagger == "spacy":
                     raise
+                if lexicon is None:
+                    # the synthetic world's 60-word lexicon would silently mask real captions wrongly
+                    # ("a dog running on a beach" -> "$ dog running on $ beach"): refuse instead
+                    raise CirlabError(f"tagger 'auto' found no spaCy model {spacy_model!r} "
+                                      f"({type(err).__name__}) and no lexicon was given",
+                                      f"{_INSTALL_HINT} (masking.lexicon: synthetic for the synthetic world)") from None
+                log.warning("tagger 'auto': no spaCy model %r, masking with the given %d-word lexicon instead; "
+                            "words outside it are never masked", spacy_model, len(lexicon))
         if self._nlp is None:
-            lexicon = lexicon if lexicon is not None else _default_lexicon()
+            lexicon = lexicon if lexicon is not None else (_default_lexicon() if tagger == "lexicon" else None)
             if lexicon is None:
-                raise ValueError("tagger='lexicon' (or 'auto' without spaCy) needs lexicon= a dict word -> "
+                raise ValueError("tagger='lexicon' needs lexicon= a dict word -> "
                                  f"universal POS (e.g. {{'cat': 'NOUN'}}); or {_INSTALL_HINT}")
             self._lexicon = {str(w).lower(): str(p).upper() for w, p in lexicon.items()}
         self.tagger = "spacy" if self._nlp is not None else "lexicon"

@@ -189,3 +189,17 @@ def test_spacy_worker_processes_give_the_same_shards(tmp_path, quirk):
     assert read[0][0] == "$ parked on $ ."
     fallbacks = [read[0][i] for i in range(1, 600, 4)]
     assert set(fallbacks) == {"$ runs", "he $"}  # both draws occur: the generator really ran
+
+
+def test_auto_tagger_without_spacy_never_falls_back_to_the_synthetic_lexicon_silently(caplog):
+    import logging
+
+    from cirlab.errors import CirlabError
+
+    # the synthetic world's 60 words would mask "a dog running on a beach" as "$ dog running on $ beach"
+    with pytest.raises(CirlabError, match="found no spaCy model 'no_such_model'"):
+        KeywordMasker(tagger="auto", spacy_model="no_such_model")
+    # a lexicon the user gave is used, loudly
+    with caplog.at_level(logging.WARNING, logger="cirlab.data.masking"):
+        m = KeywordMasker(tagger="auto", spacy_model="no_such_model", lexicon={"dog": "NOUN", "a": "DET"})
+    assert m.tagger == "lexicon" and "masking with the given 2-word lexicon" in caplog.text

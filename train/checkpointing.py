@@ -183,12 +183,36 @@ def task_class(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> t
     return cls
 
 
+def _coerce(value: Any, hint: Any) -> Any:
+    """A recipe section saved as a dict (LightningCLI keeps the parsed config) back as its dataclass."""
+    import typing
+
+    if isinstance(value, dict):
+        for t in (hint, *typing.get_args(hint)):
+            if isinstance(t, type) and dataclasses.is_dataclass(t):
+                hints = typing.get_type_hints(t)
+                names = {f.name for f in dataclasses.fields(t)}
+                return t(**{k: _coerce(v, hints.get(k)) for k, v in value.items() if k in names})
+    return value
+
+
+def task_arguments(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments from saved hyper-parameters (Lightning's own `_…` keys dropped)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:
+        hints = {}
+    return {k: _coerce(v, hints.get(k)) for k, v in hparams.items() if not k.startswith("_")}
+
+
 def load_task(ckpt: str | Path, **overrides: Any):
     """A task back from a checkpoint of `cirlab fit`, ready to evaluate or retrieve (any task class)."""
     path = Path(ckpt)
     checkpoint = read_checkpoint(path)
     cls = task_class(checkpoint, path)
-    hp = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    hp = task_arguments(cls, checkpoint.get("hyper_parameters", {}))
     hp.update(overrides)
     task = cls(**hp)
     task.on_load_checkpoint(checkpoint)

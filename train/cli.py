@@ -58,6 +58,7 @@ _NOISE = (
     r".*all_gather is deprecated",
     r".*does not have many workers",
     r".*Total length of .* across ranks is zero",        # an evaluation loader of a kept gallery
+    r".*It is recommended to use `self.log\(.*sync_dist=True",  # evaluation logs the same value on every rank
 )
 
 
