@@ -220,3 +220,18 @@ def test_searle_and_searle_oti_evaluate_through_lightning(pipeline):
     for m in (by_phi, by_oti):
         assert {"R@1", "R@5", "R@10"} <= set(m) and all(0.0 <= m[k] <= 100.0 for k in ("R@1", "R@5", "R@10"))
     assert oti._oti_state is not None and len(oti._oti_state["done"]) > 0  # inverted at query time
+
+
+def test_first_images_copies_the_first_samples_unchanged(pipeline, tmp_path):
+    from cirlab.data.shards import read_index
+    from cirlab.data.streaming import ShardStream
+    from cirlab.train.searle_task import first_images
+
+    src = pipeline["world"].path("images")
+    out = first_images(src, tmp_path / "sub", 30, shard_size=8)
+    assert read_index(out).total == 30 and len(read_index(out).shards) == 4
+
+    def samples(folder):
+        return [(s["id"], s["image"].tobytes()) for s in ShardStream(str(folder), "image", resampled=False,
+                                                                     shuffle=False, shuffle_buffer=0)]
+    assert samples(out) == samples(src)[:30]

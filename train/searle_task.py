@@ -326,24 +326,60 @@ class SEARLETask(ComposedRetrievalTask):
 
 
 # ---------------------------------------------------------------------- the quickstart pipeline
+def first_images(src: str | Path, out: str | Path, n: int, shard_size: int = 128) -> Path:
+    """The first `n` samples of an image shard folder copied (bytes unchanged) into `out`; `out` when done."""
+    import json
+    import tarfile
+
+    from cirlab.data.shards import read_index, write_shards
+
+    out = Path(out)
+    if (out / "index.json").is_file() and read_index(out).total == n:
+        return out
+
+    def samples():
+        left = n
+        for url in read_index(src).urls:
+            with tarfile.open(url) as tar:
+                members: dict[str, dict[str, bytes]] = {}
+                for m in tar.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            for key in sorted(members):
+                if left == 0:
+                    return
+                meta = json.loads(members[key]["json"])
+                image = next(v for e, v in members[key].items() if e in ("jpg", "png", "jpeg", "webp"))
+                yield {**meta, "image": image}  # bytes: written unchanged
+                left -= 1
+
+    write_shards(samples(), out, "image", maxcount=shard_size)
+    return out
+
+
 def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_name: str = "cirlab-tiny",
-                      concepts_k: int = 20, phrases_per_concept: int = 16, oti: Optional[OTIConfig] = None,
-                      epochs: int = 10, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-                      accelerator: str = "cpu") -> Path:
+                      max_images: Optional[int] = 256, concepts_k: int = 20, phrases_per_concept: int = 16,
+                      oti: Optional[OTIConfig] = None, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
+                      seed: int = 0, accelerator: str = "cpu") -> Path:
     """concepts -> phrases -> OTI -> SEARLETask fit on a synthetic world folder (data/synthetic.py
-    build_world); returns the export folder (phi.safetensors, backbone.json). Every step skips work a
-    previous call left in `out` (concepts, phrases and OTI shards); the fit reruns."""
+    build_world); returns the export folder (phi.safetensors, backbone.json). `max_images`: SEARLE
+    learns from the world's first N training images (OTI costs 40 tower passes per image here; None:
+    all). Every step skips work a previous call left in `out` (images, concepts, phrases, OTI shards);
+    the fit reruns."""
     import lightning as L
 
     from cirlab.data.concepts import compute_concepts, synthetic_vocabulary
     from cirlab.data.phrases import generate_phrases
     from cirlab.data.retrieval import RetrievalDataModule
+    from cirlab.data.shards import read_index
     from cirlab.data.synthetic import load_world
     from cirlab.train.oti import run_oti
 
     manifest = load_world(world)
     root = Path(out)
     images = str(manifest.path("images"))
+    if max_images is not None and read_index(images).total > max_images:
+        images = str(first_images(images, root / "images", max_images))
     vocab = synthetic_vocabulary(manifest.held_out)
     cfg = oti or OTIConfig(steps=40, batch_size=64, seed=seed)  # the reference: 350 steps, batch 32
     L.seed_everything(seed, verbose=False)
