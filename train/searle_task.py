@@ -358,7 +358,7 @@ def first_images(src: str | Path, out: str | Path, n: int, shard_size: int = 128
 
 
 def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_name: str = "cirlab-tiny",
-                      max_images: Optional[int] = 256, concepts_k: int = 20, phrases_per_concept: int = 16,
+                      max_images: Optional[int] = 512, concepts_k: int = 20, phrases_per_concept: int = 16,
                       oti: Optional[OTIConfig] = None, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
                       seed: int = 0, accelerator: str = "cpu") -> Path:
     """concepts -> phrases -> OTI -> SEARLETask fit on a synthetic world folder (data/synthetic.py
