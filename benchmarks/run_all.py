@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step", "masking_processes",
-              "feature_cache_growth")
+              "feature_cache_growth", "resume_latency", "eval_ddp")
 
 
 def main() -> None:

@@ -9,21 +9,21 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 
-def _list_params(fn: Callable[..., Any]) -> set[str]:
-    """Parameters typed as lists (list[str], Optional[list[...]], …)."""
+def _params_of_type(fn: Callable[..., Any], kind: type) -> set[str]:
+    """Parameters typed as `kind` (list: list[str], Optional[list[...]]; bool: bool, Optional[bool])."""
     import typing
 
     out = set()
     for name, hint in typing.get_type_hints(fn).items():
         hints = [hint, *typing.get_args(hint)]
-        if any(typing.get_origin(h) in (list, typing.List) or h is list for h in hints):
+        if any(h is kind or typing.get_origin(h) is kind for h in hints):
             out.add(name)
     return out
 
 
-def _shell_style(argv: Sequence[str], lists: set[str]) -> list[str]:
-    """`--batch-size 8` -> `--batch_size 8`, and `--sets a b` -> `--sets ["a", "b"]`: the way shell users
-    write options, not only jsonargparse's."""
+def _shell_style(argv: Sequence[str], lists: set[str], flags: set[str] = frozenset()) -> list[str]:
+    """`--batch-size 8` -> `--batch_size 8`, `--sets a b` -> `--sets ["a", "b"]` and a bare `--strict`
+    -> `--strict true`: the way shell users write options, not only jsonargparse's."""
     import json
 
     out: list[str] = []
@@ -43,6 +43,8 @@ def _shell_style(argv: Sequence[str], lists: set[str]) -> list[str]:
                     out += [f"--{name}", values[0]]
                 else:
                     out += [f"--{name}", json.dumps(values)]
+            elif name in flags and not eq and (i + 1 == len(args) or args[i + 1].startswith("--")):
+                out += [f"--{name}", "true"]
             else:
                 out.append(f"--{name}{eq}{value}")
         else:
@@ -55,12 +57,21 @@ def run_function_command(fn: Callable[..., Any], argv: Sequence[str], prog: str,
                          show: Callable[[Any], None] | None = None) -> int:
     """Parse `argv` against `fn`'s signature, call it, print its result (`show`, or a report's
     `summary()`); returns the function's int result or 0."""
+    import argparse
+
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").strip().split("\n")[0], default_meta=False)
+    from cirlab.errors import CirlabError
+
+    parser = ArgumentParser(prog=prog, description=(fn.__doc__ or "").strip().split("\n")[0], default_meta=False,
+                            exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file")
     parser.add_function_arguments(fn, as_group=False)
-    cfg = parser.parse_args(_shell_style(argv, _list_params(fn)))
+    try:
+        cfg = parser.parse_args(_shell_style(argv, _params_of_type(fn, list), _params_of_type(fn, bool)))
+    except argparse.ArgumentError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise CirlabError("; ".join(lines[:2]), f"`{prog} --help` lists the options") from None
     kwargs = {k: v for k, v in cfg.as_dict().items() if k != "config"}
     result = fn(**kwargs)
     if show is not None:

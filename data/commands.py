@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 USAGE = """usage: cirlab data <command> [options]
 
@@ -23,32 +22,82 @@ USAGE = """usage: cirlab data <command> [options]
 """
 
 
-def mask_cli(argv: Sequence[str]) -> int:
-    from cirlab.data.masking import KeywordMasker, mask_text_shards
+def mask_command(src: str, out: str, tagger: Literal["auto", "spacy", "lexicon"] = "auto",
+                 lexicon: Optional[Literal["synthetic"]] = None, reference_quirk: bool = False,
+                 processes: int = 1) -> int:
+    """Keyword-mask text shards ahead of LinCIR training (so training does no tagging).
 
-    p = argparse.ArgumentParser(prog="cirlab data mask", description="Keyword-mask text shards ahead of LinCIR training.")
-    p.add_argument("--src", required=True, help="folder of text shards (with index.json)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tagger", default="auto", choices=["auto", "spacy", "lexicon"])
-    p.add_argument("--lexicon", default=None, choices=[None, "synthetic"],
-                   help="word->POS table for the lexicon tagger (synthetic: the synthetic world's words)")
-    p.add_argument("--reference-quirk", action="store_true",
-                   help="reproduce the reference's substring replacement (see cirlab.data.masking)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="spaCy tagging processes (default 1; same output for any number)")
-    a = p.parse_args(list(argv))
-    if a.processes < 1:
-        p.error(f"--processes must be at least 1, got {a.processes}")
-    lexicon = None
-    if a.lexicon == "synthetic":
-        from cirlab.data.synthetic import LEXICON as lexicon
-    masker = KeywordMasker(tagger=a.tagger, lexicon=lexicon, reference_quirk=a.reference_quirk)
-    if a.processes > 1 and masker.tagger != "spacy":
+    Args:
+        src: folder of text shards (with index.json)
+        out: output folder
+        tagger: part-of-speech tagger (auto: spaCy, else an error unless a lexicon is given)
+        lexicon: word->POS table for the lexicon tagger (synthetic: the synthetic world's words)
+        reference_quirk: reproduce the reference's substring replacement (see cirlab.data.masking)
+        processes: spaCy tagging processes (same output for any number)
+    """
+    from cirlab.data.masking import KeywordMasker, mask_text_shards
+    from cirlab.errors import CirlabError
+
+    if processes < 1:
+        raise CirlabError(f"--processes must be at least 1, got {processes}", "use 1 or more")
+    table = None
+    if lexicon == "synthetic":
+        from cirlab.data.synthetic import LEXICON as table
+    masker = KeywordMasker(tagger=tagger, lexicon=table, reference_quirk=reference_quirk)
+    if processes > 1 and masker.tagger != "spacy":
         print(f"note: --processes applies to spaCy tagging; the {masker.tagger} tagger runs in one process")
-    index = mask_text_shards(a.src, a.out, masker, processes=a.processes)
-    print(f"masked {index.total} captions into {a.out} ({len(index.shards)} shards, tagger {masker.tagger})")
+    index = mask_text_shards(src, out, masker, processes=processes)
+    print(f"masked {index.total} captions into {out} ({len(index.shards)} shards, tagger {masker.tagger})")
     return 0
 
+
+def synthetic_command(out: str, seed: int = 0, scenes: int = 4000, queries: int = 400, image_size: int = 64,
+                      renders: int = 3) -> int:
+    """Write the synthetic world (the built-in default data).
+
+    Args:
+        out: output folder (new, empty, or an old world to rewrite)
+        seed: the world's seed
+        scenes: training scenes
+        queries: queries per evaluation split
+        image_size: image side in pixels
+        renders: renderings per evaluation scene
+    """
+    from cirlab.data.synthetic import build_world
+    from cirlab.errors import CirlabError
+
+    try:
+        m = build_world(out, seed=seed, image_size=image_size, n_train_scenes=scenes, n_eval_queries=queries,
+                        renders_per_scene=renders)
+    except (ValueError, FileExistsError) as e:
+        raise CirlabError(str(e), "choose another --out or other sizes") from None
+    print(f"synthetic world in {m.root} ({m.seconds:.1f} s), held out: "
+          + ", ".join(f"{c} {s}" for c, s in m.held_out))
+    for k, v in m.counts.items():
+        print(f"  {k:24s} {v}")
+    return 0
+
+
+def _benchmark(name: str):
+    def command(root: str, out: str, splits: Optional[str] = None, maxcount: int = 1000,
+                categories: str = "dress,shirt,toptee") -> int:
+        from cirlab.data.benchmarks import convert_benchmark
+
+        return convert_benchmark(name, root, out, splits, maxcount, categories)
+
+    command.__doc__ = f"""{name}'s official files -> shards (training triplets, evaluation sets).
+
+    Args:
+        root: the benchmark's folder, in its official layout
+        out: output folder for shards
+        splits: comma-separated splits (default: all the benchmark has)
+        maxcount: samples per shard
+        categories: (fashioniq) comma-separated categories
+    """
+    return command
+
+
+_BENCHMARKS = ("fashioniq", "cirr", "circo")
 
 # subcommands made from typed functions (options from their signatures, `--config` files too)
 _TYPED = {
@@ -76,19 +125,16 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         from cirlab.data.convert import cli as convert_cli
 
         return convert_cli(rest)
-    if cmd == "mask":
-        return mask_cli(rest)
-    if cmd in _TYPED:
-        from cirlab.typed_commands import run_function_command
+    from cirlab.typed_commands import run_function_command
 
-        module, name = _TYPED[cmd].split(":")
+    local = {"mask": mask_command, "synthetic": synthetic_command, **{b: _benchmark(b) for b in _BENCHMARKS}}
+    if cmd in local:
+        return run_function_command(local[cmd], rest, f"cirlab data {cmd}")
+    if cmd in _TYPED:
         import importlib
 
+        module, name = _TYPED[cmd].split(":")
         fn = getattr(importlib.import_module(module), name)
         return run_function_command(fn, rest, f"cirlab data {cmd}", show=_show_written)
-    if cmd in ("synthetic", "fashioniq", "cirr", "circo"):
-        from cirlab.data.benchmarks import cli as benchmarks_cli
-
-        return benchmarks_cli(argv)
     print(f"cirlab data: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

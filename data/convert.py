@@ -17,7 +17,6 @@ triplet rows. Other columns go to the sample's json member. Every bad row is rep
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -25,7 +24,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Literal, Optional, Any, Iterator
 
 from cirlab.data.images import ImageDecodeError, image_for_shard
 from cirlab.data.kinds import check_kind
@@ -375,53 +374,59 @@ def nothing_written(rows_path: Path, kind: str, report: ConvertReport, reasons: 
                         "docs/data.md lists the fields of each kind")
 
 
+def convert_command(kind: Literal["pair", "image", "text", "triplet", "instruction", "evalset"], out: str,
+                    rows: Optional[str] = None, images: Optional[str] = None, maxcount: int = 1000,
+                    strict: bool = False, image_format: Literal["jpeg", "png"] = "jpeg",
+                    queries: Optional[str] = None, gallery: Optional[str] = None,
+                    exclude_reference: bool = False, metrics: str = "recall") -> int:
+    """JSONL/CSV rows + an image folder -> shards of a kind; or (kind evalset) queries + gallery -> an evaluation set.
+
+    Args:
+        kind: sample kind to write; evalset: an evaluation set from --queries and --gallery
+        out: output folder for shard-NNNNNN.tar and index.json
+        rows: JSONL or CSV file, one sample per row
+        images: folder the image paths are relative to (default: the rows file's)
+        maxcount: samples per shard
+        strict: stop at the first bad row (and write nothing)
+        image_format: format for images that must be re-encoded (8-bit JPEG/PNG files are kept as they are)
+        queries: (evalset) JSONL or CSV file, one query per row: reference, text or texts, target or targets
+        gallery: (evalset) folder of gallery images; ids are their paths relative to it, without the extension
+        exclude_reference: (evalset) remove each query's reference image from its own ranking (as CIRR does)
+        metrics: (evalset) comma-separated: recall (R@1,5,10,50), map (mAP@5,10,25,50)
+    """
+    if kind not in CONVERT_KINDS + ("evalset",):
+        raise CirlabError(f"unknown kind {kind!r}", f"one of {', '.join(CONVERT_KINDS + ('evalset',))}")
+    if maxcount < 1:
+        raise CirlabError(f"--maxcount must be at least 1, got {maxcount}", "give the samples per shard")
+    if kind == "evalset":
+        from cirlab.data.custom_evalset import convert_eval_set, parse_metrics
+
+        if queries is None or gallery is None:
+            raise CirlabError("--kind evalset needs --queries FILE and --gallery DIR", "name both")
+        if rows is not None:
+            raise CirlabError("--kind evalset reads --queries and --gallery, not --rows", "drop --rows")
+        report = convert_eval_set(queries, gallery, out, exclude_reference=exclude_reference,
+                                  metrics=parse_metrics(metrics), strict=strict, maxcount=maxcount)
+        report.print()
+        return 0
+    if rows is None:
+        raise CirlabError(f"--kind {kind} needs --rows FILE", "the JSONL or CSV file of samples")
+    for name, value in (("queries", queries), ("gallery", gallery)):
+        if value is not None:
+            raise CirlabError(f"--{name} is for --kind evalset", f"--kind {kind} reads --rows and --images")
+    report = convert(kind, rows, images, out, maxcount=maxcount, strict=strict, image_format=image_format)
+    _print_report(report, out)
+    return 0
+
+
 def cli(argv: list[str] | None = None) -> int:
     """``cirlab data convert``: rows file + image folder -> shards; prints the summary.
 
     User mistakes raise CirlabError (the `cirlab` command prints them as one line and exits 2).
     """
-    p = argparse.ArgumentParser(prog="cirlab data convert", description=convert.__doc__.splitlines()[0])
-    p.add_argument("--kind", required=True, choices=CONVERT_KINDS + ("evalset",),
-                   help="sample kind to write; evalset: an evaluation set from --queries and --gallery")
-    p.add_argument("--rows", default=None, help="JSONL or CSV file, one sample per row")
-    p.add_argument("--images", default=None, help="folder the image paths are relative to (default: the rows file's)")
-    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar and index.json")
-    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad row (and write nothing)")
-    p.add_argument("--image-format", default="jpeg", choices=("jpeg", "png"),
-                   help="format for images that must be re-encoded (8-bit JPEG/PNG files are kept as they are)")
-    g = p.add_argument_group("--kind evalset")
-    g.add_argument("--queries", default=None,
-                   help="JSONL or CSV file, one query per row: reference, text or texts, target or targets")
-    g.add_argument("--gallery", default=None,
-                   help="folder of gallery images; ids are their paths relative to it, without the extension")
-    g.add_argument("--exclude-reference", action="store_true",
-                   help="remove each query's reference image from its own ranking (as CIRR does)")
-    g.add_argument("--metrics", default="recall",
-                   help="comma-separated: recall (R@1,5,10,50), map (mAP@5,10,25,50); default recall")
-    args = p.parse_args(argv)
-    if args.maxcount < 1:
-        p.error(f"--maxcount must be at least 1, got {args.maxcount}")
-    if args.kind == "evalset":
-        from cirlab.data.custom_evalset import convert_eval_set, parse_metrics
+    from cirlab.typed_commands import run_function_command
 
-        if args.queries is None or args.gallery is None:
-            p.error("--kind evalset needs --queries FILE and --gallery DIR")
-        if args.rows is not None:
-            p.error("--kind evalset reads --queries and --gallery, not --rows")
-        report = convert_eval_set(args.queries, args.gallery, args.out, exclude_reference=args.exclude_reference,
-                                  metrics=parse_metrics(args.metrics), strict=args.strict, maxcount=args.maxcount)
-        report.print()
-        return 0
-    if args.rows is None:
-        p.error(f"--kind {args.kind} needs --rows FILE")
-    for name in ("queries", "gallery"):
-        if getattr(args, name) is not None:
-            p.error(f"--{name} is for --kind evalset; --kind {args.kind} reads --rows and --images")
-    report = convert(args.kind, args.rows, args.images, args.out, maxcount=args.maxcount,
-                     strict=args.strict, image_format=args.image_format)
-    _print_report(report, args.out)
-    return 0
+    return run_function_command(convert_command, list(argv or []), "cirlab data convert")
 
 
 def _print_report(report: ConvertReport, out: str) -> None:

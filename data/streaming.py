@@ -64,6 +64,10 @@ _MAX_WARNINGS = 20  # distinct (shard, reason) warnings per process; later error
 _STATE_FORMAT = 2  # position by (shard visit, offset) per slot
 
 
+class StreamSourceError(CirlabError, ValueError):
+    """Shards that cannot serve this stream (wrong kind); a ValueError too."""
+
+
 class DecodeError(Exception):
     """A sample that cannot be decoded; ``reason`` is one of REASONS."""
 
@@ -288,7 +292,7 @@ class ShardStream(IterableDataset):
                 raise CirlabError(f"the shard set {_where(pool)} is empty: it holds 0 samples",
                                   "convert data into it first (cirlab data convert), or point at another folder")
             if pool.kind is not None and pool.kind != kind:
-                raise ValueError(f"shards {pool.urls[0]} hold kind {pool.kind!r}, not {kind!r}: "
+                raise StreamSourceError(f"shards {pool.urls[0]} hold kind {pool.kind!r}, not {kind!r}: "
                                  f"pass kind={pool.kind!r} or point at other shards")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")

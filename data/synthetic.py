@@ -8,7 +8,6 @@ so the test measures composition rather than memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -585,26 +584,3 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
     manifest.seconds = time.perf_counter() - t0
     return manifest
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """`cirlab data synthetic --out DIR [--seed S] [--scenes N] [--queries Q] [--image-size P]`."""
-    p = argparse.ArgumentParser(prog="cirlab data synthetic",
-                                description="Write the synthetic world (the built-in default data).")
-    p.add_argument("--out", required=True, help="output folder (new, empty, or an old world to rewrite)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenes", type=int, default=4000, help="training scenes (default 4000)")
-    p.add_argument("--queries", type=int, default=400, help="queries per evaluation split (default 400)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--renders", type=int, default=3, help="renderings per evaluation scene")
-    a = p.parse_args(argv)
-    try:
-        m = build_world(a.out, seed=a.seed, image_size=a.image_size, n_train_scenes=a.scenes,
-                        n_eval_queries=a.queries, renders_per_scene=a.renders)
-    except (ValueError, FileExistsError) as e:
-        p.exit(2, f"cirlab data synthetic: error: {e}\n")
-    print(f"synthetic world in {m.root} ({m.seconds:.1f} s), held out: "
-          + ", ".join(f"{c} {s}" for c, s in m.held_out))
-    for k, v in m.counts.items():
-        print(f"  {k:24s} {v}")
-    return 0

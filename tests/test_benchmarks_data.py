@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cirlab.data.benchmarks import cli
+from cirlab.train.cli import main as cirlab
 from cirlab.data.benchmarks.circo import convert_circo
 from cirlab.data.benchmarks.cirr import convert_cirr
 from cirlab.data.benchmarks.fashioniq import (caption_variants, clean_caption, convert_fashioniq,
@@ -289,14 +289,15 @@ def test_circo_conversion(circo_root, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli(cirr_root, tmp_path, capsys):
-    assert cli(["cirr", "--root", str(cirr_root), "--out", str(tmp_path / "o"), "--splits", "val"]) == 0
+    assert cirlab(["data", "cirr", "--root", str(cirr_root), "--out", str(tmp_path / "o"), "--splits", "val"]) == 0
     assert "eval/val/queries: 2" in capsys.readouterr().out
     assert not (tmp_path / "o" / "triplets").exists()
-    with pytest.raises(SystemExit) as e:
-        cli(["circo", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")])
-    assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        cli(["fashioniq", "--root", str(cirr_root), "--out", str(tmp_path / "o3")])
-    assert e.value.code == 2 and "images" in capsys.readouterr().err
-    assert cli(["synthetic", "--out", str(tmp_path / "w"), "--scenes", "5", "--queries", "3"]) == 0
+    # user mistakes: one error line (and a hint), exit 2
+    assert cirlab(["data", "circo", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cirlab data: error: --root") and "is not a folder" in err and len(err.splitlines()) <= 2
+    assert cirlab(["data", "fashioniq", "--root", str(cirr_root), "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err
+    assert "images" in err and len(err.splitlines()) <= 2
+    assert cirlab(["data", "synthetic", "--out", str(tmp_path / "w"), "--scenes", "5", "--queries", "3"]) == 0
     assert (tmp_path / "w" / "world.json").is_file()

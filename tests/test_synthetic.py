@@ -273,17 +273,24 @@ def test_lexicon_agrees_with_spacy():
 
 
 def test_cli_writes_a_world_and_rejects_a_foreign_folder(tmp_path, capsys):
-    assert S.cli(["--out", str(tmp_path / "w"), "--scenes", "12", "--queries", "6", "--seed", "2"]) == 0
+    from cirlab.train.cli import main
+
+    class S_:  # `cirlab data synthetic …` through the command
+        @staticmethod
+        def cli(args):
+            return main(["data", "synthetic", *args])
+
+    assert S_.cli(["--out", str(tmp_path / "w"), "--scenes", "12", "--queries", "6", "--seed", "2"]) == 0
     m = S.load_world(tmp_path / "w")
     assert m.seed == 2 and m.counts["pairs"] == 12 and m.counts["eval/test/queries"] == 6
     assert "held out" in capsys.readouterr().out
     # rewriting an existing world is allowed and replaces it
-    assert S.cli(["--out", str(tmp_path / "w"), "--scenes", "8", "--queries", "4"]) == 0
+    assert S_.cli(["--out", str(tmp_path / "w"), "--scenes", "8", "--queries", "4"]) == 0
     assert read_index(tmp_path / "w" / "pairs").total == 8
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x").write_text("x")
-    with pytest.raises(SystemExit) as e:
-        S.cli(["--out", str(tmp_path / "foreign")])
-    assert e.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert S_.cli(["--out", str(tmp_path / "foreign")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cirlab data: error:") and "not empty" in err
     with pytest.raises(FileNotFoundError, match="cirlab data synthetic"):
         S.load_world(tmp_path / "foreign")

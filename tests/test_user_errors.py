@@ -446,12 +446,15 @@ def test_evaluation_set_mistakes_are_one_error_and_write_nothing(tmp_path, galle
 
 
 def test_evalset_and_rows_options_do_not_mix(tmp_path, gallery, capsys):
-    with pytest.raises(SystemExit):
-        cirlab(capsys, "data", "convert", "--kind", "evalset", "--rows", "x.jsonl", "--out", str(tmp_path / "o"))
-    assert "--queries FILE and --gallery DIR" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cirlab(capsys, "data", "convert", "--kind", "pair", "--queries", "q.jsonl", "--out", str(tmp_path / "o"))
-    assert "--rows FILE" in capsys.readouterr().err
+    code, _, err = cirlab(capsys, "data", "convert", "--kind", "evalset", "--rows", "x.jsonl", "--out", str(tmp_path / "o"))
+    assert_one_error(code, err, "data", "--queries FILE and --gallery DIR")
+    code, _, err = cirlab(capsys, "data", "convert", "--kind", "pair", "--queries", "q.jsonl", "--out", str(tmp_path / "o"))
+    assert_one_error(code, err, "data", "--rows FILE")
+    # a missing option or an unknown one is one line too, not argparse's usage
+    code, _, err = cirlab(capsys, "data", "convert", "--kind", "pair", "--rows", "x.jsonl")
+    assert_one_error(code, err, "data", "required", "out")
+    code, _, err = cirlab(capsys, "data", "convert", "--kind", "pear", "--out", str(tmp_path / "o"))
+    assert_one_error(code, err, "data", "kind")
 
 
 # --------------------------------------------------------------------------- texts longer than the context

@@ -30,6 +30,7 @@ cirlab commands:
   retrieve   top-k gallery images for a query image + text with a trained checkpoint (HTML page)
   import     turn a reference repository's released checkpoint into cirlab safetensors
   recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
+  slurm      render and submit sbatch jobs for a recipe: cirlab slurm submit -c RECIPE --nodes 2 ...
   demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
 
 Options of every command: --debug (show the traceback of an error).

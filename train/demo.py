@@ -8,11 +8,10 @@ and write a report page with a few queries and their top results.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -185,12 +184,19 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     return rows
 
 
-def demo_cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="cirlab demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="full",
-                   help="full (the real demo, ~10 min on 2 cores) or fast (a smoke run for tests)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    run_demo(a.out, a.scale, a.seed)
+def demo_command(out: str = "demo_out", scale: Literal["full", "fast"] = "full", seed: int = 0) -> int:
+    """The quickstart: synthetic world -> tiny CLIP -> CLIP4Cir (2 stages) + LinCIR -> one table.
+
+    Args:
+        out: output folder
+        scale: full (the real demo, ~7 min on 2 cores) or fast (a smoke run for tests)
+        seed: seed of the world and of every run
+    """
+    run_demo(out, scale, seed)
     return 0
+
+
+def demo_cli(argv: list[str]) -> int:
+    from cirlab.typed_commands import run_function_command
+
+    return run_function_command(demo_command, argv, "cirlab demo")

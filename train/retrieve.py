@@ -7,11 +7,11 @@ warns that it is cut. The page and the PNG strip come from cirlab.train.report.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,21 +141,24 @@ def write_grid(out: Path, image: Path, text: str, results: list[tuple[Path, floa
     return write_retrieval_grid(out, image.read_bytes(), text, ranked, images, method)
 
 
-def retrieve_cli(argv: Sequence[str]) -> int:
-    """``cirlab retrieve``: print the top-k, write the page (and the strip); user mistakes raise CirlabError."""
+def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int = 10,
+                     html: str = "retrieval.html", grid: Optional[str] = None) -> int:
+    """Top-k gallery images for a query image + text with a trained checkpoint; writes an HTML page.
+
+    Args:
+        ckpt: a .ckpt written by `cirlab fit` (Combiner, LinCIR, any cirlab task)
+        gallery: folder of images to search
+        image: the reference (query) image
+        text: what to change
+        top_k: how many results
+        html: page to write
+        grid: also save the results as one PNG strip
+    """
     from cirlab.train.commands import load_task
 
-    p = argparse.ArgumentParser(prog="cirlab retrieve", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a .ckpt written by `cirlab fit` (Combiner, LinCIR, …)")
-    p.add_argument("--gallery", required=True, help="folder of images to search")
-    p.add_argument("--image", required=True, help="the reference (query) image")
-    p.add_argument("--text", required=True, help="what to change")
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--html", default="retrieval.html", help="page to write (default retrieval.html)")
-    p.add_argument("--grid", default=None, help="also save the results as one PNG strip")
-    a = p.parse_args(list(argv))
+    a = SimpleNamespace(ckpt=ckpt, gallery=gallery, image=image, text=text, top_k=top_k, html=html, grid=grid)
     if a.top_k < 1:
-        p.error(f"--top-k must be at least 1, got {a.top_k}")
+        raise CirlabError(f"--top-k must be at least 1, got {a.top_k}", "ask for one result or more")
     image = Path(a.image)
     if not image.is_file():
         raise RetrieveError(f"query image {image} does not exist", "pass the reference image with --image")
@@ -174,3 +177,10 @@ def retrieve_cli(argv: Sequence[str]) -> int:
     if a.grid:
         print(f"grid: {write_grid(Path(a.grid), image, a.text, found.results, Path(a.gallery), method)}")
     return 0
+
+
+def retrieve_cli(argv: Sequence[str]) -> int:
+    """``cirlab retrieve``: print the top-k, write the page (and the strip); user mistakes raise CirlabError."""
+    from cirlab.typed_commands import run_function_command
+
+    return run_function_command(retrieve_command, argv, "cirlab retrieve")

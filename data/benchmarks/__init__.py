@@ -12,7 +12,6 @@ reference or target image is missing is skipped and counted.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -125,42 +124,32 @@ def _split_list(text: str) -> tuple[str, ...]:
     return tuple(s for s in text.replace(",", " ").split() if s)
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    """`cirlab data fashioniq|cirr|circo --root R --out O [...]` (and `synthetic`, forwarded)."""
-    argv = list(argv) if argv is not None else None
-    if argv and argv[0] == "synthetic":
-        from cirlab.data.synthetic import cli as synthetic_cli
-        return synthetic_cli(argv[1:])
-    p = argparse.ArgumentParser(prog="cirlab data", description="Convert a benchmark's official files into shards.")
-    sub = p.add_subparsers(dest="benchmark", required=True, metavar="{fashioniq,cirr,circo,synthetic}")
-    defaults = {"fashioniq": "train,val", "cirr": "train,val,test1", "circo": "val,test"}
-    helps = {"fashioniq": "FashionIQ: ROOT holds captions/, image_splits/, images/",
-             "cirr": "CIRR: ROOT holds cirr/captions, cirr/image_splits and the image folders (train/, dev/, test1/)",
-             "circo": "CIRCO: ROOT holds annotations/ and COCO2017_unlabeled/"}
-    for name in BENCHMARKS:
-        s = sub.add_parser(name, help=helps[name])
-        s.add_argument("--root", required=True, help="the benchmark's folder, in its official layout")
-        s.add_argument("--out", required=True, help="output folder for shards")
-        s.add_argument("--splits", default=defaults[name], help=f"comma-separated (default {defaults[name]})")
-        s.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-        if name == "fashioniq":
-            s.add_argument("--categories", default="dress,shirt,toptee")
-    a = p.parse_args(argv)
-    root = Path(a.root)
-    if not root.is_dir():
-        p.exit(2, f"cirlab data {a.benchmark}: error: --root {root} is not a folder\n")
+_DEFAULT_SPLITS = {"fashioniq": "train,val", "cirr": "train,val,test1", "circo": "val,test"}
+
+
+def convert_benchmark(name: str, root: str, out: str, splits: str | None = None, maxcount: int = 1000,
+                      categories: str = "dress,shirt,toptee") -> int:
+    """`cirlab data fashioniq|cirr|circo --root R --out O [...]`: convert and print the report."""
+    from cirlab.errors import CirlabError
+
+    folder = Path(root)
+    if not folder.is_dir():
+        raise CirlabError(f"--root {folder} is not a folder", f"point --root at {name}'s official layout")
+    chosen = _split_list(splits or _DEFAULT_SPLITS[name])
     try:
-        if a.benchmark == "fashioniq":
+        if name == "fashioniq":
             from cirlab.data.benchmarks.fashioniq import convert_fashioniq
-            report = convert_fashioniq(root, a.out, categories=_split_list(a.categories),
-                                       splits=_split_list(a.splits), maxcount=a.maxcount)
-        elif a.benchmark == "cirr":
+            report = convert_fashioniq(folder, out, categories=_split_list(categories), splits=chosen,
+                                       maxcount=maxcount)
+        elif name == "cirr":
             from cirlab.data.benchmarks.cirr import convert_cirr
-            report = convert_cirr(root, a.out, splits=_split_list(a.splits), maxcount=a.maxcount)
+            report = convert_cirr(folder, out, splits=chosen, maxcount=maxcount)
         else:
             from cirlab.data.benchmarks.circo import convert_circo
-            report = convert_circo(root, a.out, splits=_split_list(a.splits), maxcount=a.maxcount)
+            report = convert_circo(folder, out, splits=chosen, maxcount=maxcount)
+    except CirlabError:
+        raise
     except (FileNotFoundError, ValueError) as e:
-        p.exit(2, f"cirlab data {a.benchmark}: error: {e}\n")
+        raise CirlabError(str(e), f"check --root against {name}'s official layout") from None
     print(report.summary())
     return 0
