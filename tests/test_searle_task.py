@@ -94,7 +94,6 @@ def test_the_quickstart_pipeline_distils_phi_towards_the_oti_tokens(pipeline):
     from safetensors.torch import load_file
 
     from cirlab.models import Backbone, Phi
-    from cirlab.train.feature_cache import FeatureCache
     from cirlab.train.oti import load_oti_tokens
 
     export = pipeline["export"]
