@@ -29,6 +29,7 @@ cirlab commands:
   evaluate   evaluate a trained checkpoint on evaluation sets, print and save the metrics
   retrieve   top-k gallery images for a query image + text with a trained checkpoint (HTML page)
   import     turn a reference repository's released checkpoint into cirlab safetensors
+  searle     SEARLE's batch jobs before fit: concepts, phrases, oti (recipes/searle/)
   recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
   slurm      render and submit sbatch jobs for a recipe: cirlab slurm submit -c RECIPE --nodes 2 ...
   demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
@@ -44,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "data": "cirlab.data.commands:cli",
     "evaluate": "cirlab.train.commands:evaluate_cli",
     "retrieve": "cirlab.train.retrieve:retrieve_cli",
+    "searle": "cirlab.train.searle_commands:searle_cli",
     "import": "cirlab.train.commands:import_cli",
     "recipes": "cirlab.train.recipes:recipes_cli",
     "demo": "cirlab.train.demo:demo_cli",
@@ -134,10 +136,12 @@ def run_lightning(args: list[str], exit_on_error: bool = True):
 
     args = resolve_recipe_args(list(args))
     saved = sys.argv
-    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments
+    # LightningCLI reads sys.argv, and Lightning's DDP launcher starts the other ranks with sys.argv:
+    # they must see the same (resolved) arguments as this process
+    sys.argv = [sys.argv[0], *args]
     try:
         return _lightning_cli_class()(BaseTask, LightningDataModule, subclass_mode_model=True,
-                                      subclass_mode_data=True, args=args,
+                                      subclass_mode_data=True, args=None,
                                       save_config_kwargs={"overwrite": True},
                                       parser_kwargs={"exit_on_error": exit_on_error})
     finally:
