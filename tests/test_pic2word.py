@@ -303,3 +303,21 @@ def test_fit_exports_mapper_and_a_file_the_authors_loader_reads(image_shards, tm
     # the released layout rebuilt from the export folder alone (backbone random: its weights file)
     again = torch.load(released_from_export(export, tmp_path / "rebuilt.pt", model_name="cirlab-tiny"), weights_only=True)
     assert all(torch.equal(again["state_dict_img2text"][k], v) for k, v in ckpt["state_dict_img2text"].items())
+
+
+def test_zero_shot_on_the_converted_benchmarks(fiq_root, cirr_root, circo_root, tmp_path):
+    from cirlab.data.benchmarks.circo import convert_circo
+    from cirlab.data.benchmarks.cirr import convert_cirr
+    from cirlab.data.benchmarks.fashioniq import convert_fashioniq
+    from cirlab.train.commands import evaluate
+    from cirlab.train.config import EvalConfig
+
+    out = tmp_path / "out"
+    convert_fashioniq(fiq_root, out / "fiq", categories=("dress", "shirt"), splits=("val",))
+    convert_cirr(cirr_root, out / "cirr", splits=("val",))
+    convert_circo(circo_root[0], out / "circo", splits=("val",))
+    sets = [out / "fiq/eval/val/dress", out / "fiq/eval/val/shirt", out / "cirr/eval/val", out / "circo/eval/val"]
+    task = _task(evaluation=EvalConfig(submission_dir=str(tmp_path / "subs")))
+    results = evaluate(task, [str(s) for s in sets], accelerator="cpu")
+    assert {"fashioniq", "cirr", "circo"} <= set(results)
+    assert {"R@10", "R@50"} <= set(results["fashioniq"]) and "mAP@5" in results["circo"]
