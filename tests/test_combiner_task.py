@@ -276,4 +276,4 @@ def test_ddp_ranks_share_the_stage2_cache_fill(small_world, tmp_path):
     with torch.no_grad():
         fresh = task.backbone.encode_image(task.image_transform(train=False)(first["ref"])[None])
     assert torch.allclose(cache.get([first["ref_id"]]), fresh, atol=1e-5)
-    assert (tmp_path / "runs" / "combiner" / "export" / "combiner.safetensors").is_file()
+    assert (tmp_path / "runs" / "combiner" / "version_0" / "export" / "combiner.safetensors").is_file()

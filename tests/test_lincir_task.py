@@ -254,7 +254,7 @@ def test_ddp_ranks_each_save_their_caption_features(small_world, tmp_path):
     with torch.no_grad():
         fresh = tower.encode_text(tower.tokenize(some))
     assert torch.allclose(cache.get(some), fresh, atol=1e-5)
-    assert (tmp_path / "runs" / "lincir" / "export" / "phi.safetensors").is_file()
+    assert (tmp_path / "runs" / "lincir" / "version_0" / "export" / "phi.safetensors").is_file()
 
 
 def test_gradient_checkpointing_gives_the_same_phi_gradients(monkeypatch):
