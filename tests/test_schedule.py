@@ -1,0 +1,34 @@
+"""The learning-rate schedule never silently spans one step."""
+
+from __future__ import annotations
+
+import pytest
+
+from cirlab.errors import CirlabError
+from cirlab.train.clip_task import CLIPTask
+from cirlab.train.config import BackboneConfig, SchedulerConfig
+
+
+def test_a_decaying_schedule_of_unknown_length_is_an_error_naming_the_fix():
+    # before: `total = 1` on any error, so the cosine ended after the first step
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), scheduler=SchedulerConfig("cosine", warmup_steps=5))
+    with pytest.raises(CirlabError, match="needs its length") as err:
+        task.configure_optimizers()
+    assert "scheduler.total_steps" in str(err.value) and "trainer.max_steps" in str(err.value)
+
+
+def test_a_given_length_or_a_constant_schedule_needs_no_estimate():
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"),
+                    scheduler=SchedulerConfig("cosine", warmup_steps=2, total_steps=12))
+    sched = task.configure_optimizers()["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(12):
+        lrs.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    base = task.optimizer_cfg.lr
+    # warm-up 1/2, 2/2, then cosine from the top down to 0 at step 12 (by hand: 0.5*(1+cos(pi*k/10)))
+    assert lrs[0] == pytest.approx(base / 2) and lrs[1] == pytest.approx(base)
+    assert lrs[7] == pytest.approx(base * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 5 / 10)))
+    const = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), scheduler=SchedulerConfig("constant"))
+    assert const.configure_optimizers()["lr_scheduler"]["scheduler"].get_last_lr()[0] == pytest.approx(const.optimizer_cfg.lr)
