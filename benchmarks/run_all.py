@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step", "masking_processes",
-              "feature_cache_growth", "resume_latency", "eval_ddp")
+              "feature_cache_growth", "resume_latency", "eval_ddp",
+              "pic2word_step")
 
 
 def main() -> None:

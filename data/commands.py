@@ -17,6 +17,7 @@ USAGE = """usage: cirlab data <command> [options]
   llava       a LLaVA visual-instruction JSON file + its images -> instruction shards (FocalLens)
   genecis     one GeneCIS task's json + COCO / Visual Genome images -> an evaluation set
   conditional the synthetic world's conditional-retrieval evaluation set (FocalLens)
+  imagenet-r  ImageNet + ImageNet-R with Pic2Word's query/target lists -> domain-conversion sets
 
 `cirlab data <command> --help` lists each command's options.
 """
@@ -104,6 +105,7 @@ _TYPED = {
     "llava": "cirlab.data.llava:convert_llava",
     "genecis": "cirlab.data.benchmarks.genecis:convert_genecis",
     "conditional": "cirlab.data.synthetic_conditional:write_conditional_set",
+    "imagenet-r": "cirlab.data.benchmarks.imagenet_r:convert_imagenet_r",
 }
 
 

@@ -33,7 +33,8 @@ class Protocol:
     recall_ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     subset_ks: list[int] = field(default_factory=list)   # CIRR: [1, 2, 3]
     map_ks: list[int] = field(default_factory=list)      # CIRCO: [5, 10, 25, 50]
-    text_format: str = "plain"      # "plain" (one text) | "fashioniq" (two captions to join)
+    text_format: str = "plain"      # "plain" (one text) | "fashioniq" (two captions to join) |
+    # "relative_clause" (one text written to follow "that": CIRCO) | "domain" (a domain word: ImageNet-R)
     group: str | None = None        # evaluation sets averaged together (FashionIQ categories)
     has_targets: bool = True        # test splits of CIRR/CIRCO have none: submission files only
     breakdown: list[str] = field(default_factory=list)  # query fields whose values get their own
@@ -66,7 +67,7 @@ class Protocol:
 _LEGACY_RULES: dict[str, dict[str, Any]] = {
     "fashioniq": {"score_keys": ["R@10", "R@50"]},
     "cirr": {"submission": "cirr"},
-    "circo": {"submission": "circo"},
+    "circo": {"submission": "circo", "text_format": "relative_clause"},
 }
 
 

@@ -29,6 +29,7 @@ cirlab commands:
   evaluate   evaluate a trained checkpoint on evaluation sets, print and save the metrics
   retrieve   top-k gallery images for a query image + text with a trained checkpoint (HTML page)
   import     turn a reference repository's released checkpoint into cirlab safetensors
+  export     write a run's export in a reference repository's released layout (pic2word)
   searle     SEARLE's batch jobs before fit: concepts, phrases, oti (recipes/searle/)
   recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
   slurm      render and submit sbatch jobs for a recipe: cirlab slurm submit -c RECIPE --nodes 2 ...
@@ -47,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "retrieve": "cirlab.train.retrieve:retrieve_cli",
     "searle": "cirlab.train.searle_commands:searle_cli",
     "import": "cirlab.train.commands:import_cli",
+    "export": "cirlab.train.commands:export_cli",
     "recipes": "cirlab.train.recipes:recipes_cli",
     "demo": "cirlab.train.demo:demo_cli",
     "slurm": "cirlab.train.slurm:slurm_cli",

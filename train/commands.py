@@ -110,3 +110,23 @@ def import_command(kind: Literal["clip4cir-combiner", "pic2word", "searle-phi", 
 
 def import_cli(argv: Sequence[str]) -> int:
     return run_function_command(import_command, argv, "cirlab import")
+
+
+def export_command(kind: Literal["pic2word"], export_dir: str, out: Optional[str] = None,
+                   model: Optional[str] = None) -> int:
+    """Write a run's export in a reference repository's released layout (so the authors' scripts read it).
+
+    Args:
+        kind: the layout: pic2word = {'state_dict', 'state_dict_img2text'} with DDP's module. prefix
+        export_dir: a run's export/ folder (runs/<name>/version_N/export)
+        out: the file to write (default: beside the export)
+        model: open_clip model name, only when the export holds backbone weights rather than backbone.json
+    """
+    from cirlab.train.pic2word_task import released_from_export
+
+    print(f"wrote {released_from_export(export_dir, out, model)}")
+    return 0
+
+
+def export_cli(argv: Sequence[str]) -> int:
+    return run_function_command(export_command, argv, "cirlab export")

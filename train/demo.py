@@ -20,10 +20,11 @@ COLUMNS = ("R@1", "R@5", "R@10", "mAP@5", "mAP@10")
 
 # (world scenes, eval queries, clip epochs, stage-1 epochs, stage-2 epochs, lincir epochs, SEARLE sizes)
 SCALES = {
-    "full": dict(scenes=4000, queries=400, clip_epochs=12, s1_epochs=3, s2_epochs=20, lincir_epochs=6,
+    "full": dict(scenes=4000, queries=400, clip_epochs=12, s1_epochs=3, s2_epochs=20, lincir_epochs=6, p2w_epochs=8,
                  searle=dict(max_images=512, oti_steps=40, epochs=10), searle_query_oti_steps=40),
     # a smoke run of every step (tests): a few steps each
-    "fast": dict(scenes=150, queries=30, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1, steps=4,
+    "fast": dict(scenes=150, queries=30, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1, p2w_epochs=1,
+                 steps=4,
                  searle=dict(max_images=64, oti_steps=4, epochs=1), searle_query_oti_steps=2),
 }
 
@@ -59,7 +60,7 @@ def _load_module(module: torch.nn.Module, path: Path) -> None:
 
 
 def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path, test_set: Path,
-                 searle: Optional[Path] = None, query_oti_steps: int = 40
+                 searle: Optional[Path] = None, query_oti_steps: int = 40, pic2word: Optional[Path] = None
                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
     """Every row of the demo table, evaluated on the same test split."""
     from cirlab.train.base import exported_backbone
@@ -85,6 +86,12 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
     lc = LinCIRTask(image_tower=True, backbone=BackboneConfig(tiny, exported_backbone(lincir)))
     _load_module(lc.phi, lincir / "phi.safetensors")
     rows["LinCIR (text-only training)"], ranks["LinCIR (text-only training)"] = _test(lc, test_set)
+    if pic2word is not None:
+        from cirlab.train.pic2word_task import Pic2WordTask
+
+        pw = Pic2WordTask(backbone=BackboneConfig(tiny, exported_backbone(pic2word)))
+        _load_module(pw.mapper, pic2word / "mapper.safetensors")
+        rows["Pic2Word (image-only training)"], ranks["Pic2Word (image-only training)"] = _test(pw, test_set)
     if searle is not None:
         from cirlab.train.oti import OTIConfig
         from cirlab.train.searle_task import SEARLETask
@@ -151,33 +158,39 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     cfg = SCALES[scale]
     out = Path(out)
     t0 = time.perf_counter()
-    print(f"[1/7] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
+    print(f"[1/8] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
     world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
     w = world.root
     common = ["--seed_everything", str(seed)]
     if cfg.get("steps"):
         common.append(f"--data.init_args.steps_per_epoch={cfg['steps']}")
-    print("[2/7] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
+    print("[2/8] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
     clip = _fit(RECIPES / "clip.yaml", out, "clip", common + [
         f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
         f"--trainer.max_epochs={cfg['clip_epochs']}"])
-    print("[3/7] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
+    print("[3/8] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
     stage1 = _fit(RECIPES / "combiner-stage1.yaml", out, "combiner-stage1", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s1_epochs']}"])
-    print("[4/7] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
+    print("[4/8] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
     stage2 = _fit(RECIPES / "combiner.yaml", out, "combiner", common + [
         f"--model.init_args.backbone.pretrained={stage1 / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s2_epochs']}"])
-    print("[5/7] LinCIR: training phi from captions alone (lincir.yaml)")
+    print("[5/8] LinCIR: training phi from captions alone (lincir.yaml)")
     lincir = _fit(RECIPES / "lincir.yaml", out, "lincir", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'texts'}", f"--trainer.max_epochs={cfg['lincir_epochs']}"])
-    print("[6/7] SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens")
+    print("[6/8] Pic2Word: the mapping network from the world's images alone (pic2word.yaml)")
+    pic2word = _fit(RECIPES / "pic2word.yaml", out, "pic2word", common + [
+        f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
+        f"--model.init_args.cache_dir={out / 'feature_cache'}",
+        f"--data.init_args.train={w / 'images'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
+        f"--trainer.max_epochs={cfg['p2w_epochs']}"])
+    print("[7/8] SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens")
     from cirlab.train.oti import OTIConfig
     from cirlab.train.searle_task import searle_quickstart
 
@@ -185,9 +198,10 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     searle = searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
                                max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64, seed=seed),
                                epochs=sc["epochs"], seed=seed)
-    print("[7/7] evaluating every model and the baselines on the held-out test split")
+    print("[8/8] evaluating every model and the baselines on the held-out test split")
     test_set = w / "eval" / "test"
-    rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"])
+    rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"],
+                               pic2word)
     minutes = (time.perf_counter() - t0) / 60
     md = print_table(rows, f"synthetic world, test split ({world.counts.get('eval/test/queries', '?')} queries), "
                            f"{minutes:.1f} min")

@@ -48,7 +48,8 @@ def fashioniq_texts(first: str, second: str) -> list[str]:
 
 
 #: query texts per protocol text form (methods key their prompts by the form, never by benchmark)
-QUERY_TEXTS = {"plain": lambda t: [t[0]], "fashioniq": lambda t: fashioniq_texts(t[0], t[1])}
+QUERY_TEXTS = {"plain": lambda t: [t[0]], "relative_clause": lambda t: [t[0]],
+               "fashioniq": lambda t: fashioniq_texts(t[0], t[1])}
 
 
 class SEARLETask(ComposedRetrievalTask):

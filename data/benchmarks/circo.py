@@ -90,7 +90,7 @@ def convert_circo(root: str | os.PathLike, out_dir: str | os.PathLike, splits: S
                     continue
                 q = {"id": str(r["id"]), "ref": image_bytes(files[ref], "jpeg"), "ref_id": ref,
                      "texts": [r["relative_caption"]], "shared_concept": r.get("shared_concept"),
-                     "text_format": "plain", "target_id": None, "gt_ids": []}
+                     "text_format": "relative_clause", "target_id": None, "gt_ids": []}
                 if has_targets:
                     gt = [str(g) for g in r["gt_img_ids"]]
                     absent = [g for g in gt if g not in files]
@@ -105,7 +105,8 @@ def convert_circo(root: str | os.PathLike, out_dir: str | os.PathLike, splits: S
         # Recall@K of the one target image is reported next to mAP@K, as the reference evaluation does;
         # selection is by mAP
         protocol = Protocol(name="circo", split=split, exclude_reference=False, recall_ks=[5, 10, 25, 50],
-                            map_ks=[5, 10, 25, 50], text_format="plain", has_targets=has_targets,
+                            # captions written to follow "that" (Pic2Word's CIRCO prompt differs from its CIRR one)
+                            map_ks=[5, 10, 25, 50], text_format="relative_clause", has_targets=has_targets,
                             score_keys=["mAP@5", "mAP@10", "mAP@25", "mAP@50"], submission="circo")
         es = write_eval(out / "eval" / split, protocol, queries(), gallery, maxcount)
         report.written[f"eval/{split}/queries"] = es.queries.total
