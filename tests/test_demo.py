@@ -7,7 +7,11 @@ from cirlab.train.demo import COLUMNS, run_demo
 
 def test_demo_fast_runs_every_step(tmp_path):
     rows = run_demo(tmp_path / "demo", scale="fast")
-    assert len(rows) == 6
+    # the baselines and every method, each trained through its own recipe or job
+    assert list(rows) == ["image only (no training)", "text only (no training)", "image + text (no training)",
+                          "CLIP4Cir stage 1 (fine-tuned sum)", "CLIP4Cir Combiner (stage 2)",
+                          "LinCIR (text-only training)", "Pic2Word (image-only training)",
+                          "SEARLE (phi distilled from OTI)", "SEARLE-OTI (OTI at query time)"]
     for name, m in rows.items():
         assert all(0.0 <= m[c] <= 100.0 for c in COLUMNS), name
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -32,6 +36,7 @@ def test_demo_fast_runs_every_step(tmp_path):
     runs = tmp_path / "demo" / "runs"
     assert (tmp_path / "demo" / "report.png").is_file()  # the grid for papers and slides
     export = lambda run: runs / run / "version_0" / "export"  # noqa: E731  (each run its own version)
+    assert (export("pic2word") / "mapper.safetensors").is_file()
     for run in ("clip", "combiner-stage1"):  # trained backbones: their weights
         assert (export(run) / "backbone.safetensors").is_file()
     for run, source in (("combiner", "combiner-stage1"), ("lincir", "clip")):  # frozen: a pointer, no copy
