@@ -156,9 +156,16 @@ class BaseTask(L.LightningModule):
 
         return [ExportOnFitEnd()]
 
+    def configure_model(self) -> None:
+        """Lightning's hook before the strategy wraps the model: what FSDP needs (train/strategies.py)."""
+        from cirlab.train.strategies import prepare_for_strategy
+
+        prepare_for_strategy(self, self.trainer.strategy)
+
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
-        opt = build_optimizer(self.named_parameters(), self.optimizer_cfg)
+        # parameter ranks as recorded before a sharding strategy flattened them (train/strategies.py)
+        opt = build_optimizer(self.named_parameters(), self.optimizer_cfg, getattr(self, "_param_ndims", None))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.scheduler_cfg, self.schedule_length()))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -225,6 +225,11 @@ class ExportOnFitEnd(L.Callback):
     """At the end of fit, export the selected model (the monitored best, else the last weights)."""
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from cirlab.train.strategies import export_sharded, is_sharded
+
+        if is_sharded(trainer.strategy):  # FSDP / DeepSpeed: weights only as shards, consolidate them
+            export_sharded(trainer, pl_module)
+            return
         ckpt_cb = trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
         if best and Path(best).is_file():

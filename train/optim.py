@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -13,13 +13,22 @@ from cirlab.train.config import OptimizerConfig, SchedulerConfig
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> list[dict]:
-    """Trainable parameters, split so that biases and norm weights skip decay when asked (Pic2Word)."""
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig,
+                 ndims: Optional[dict[str, int]] = None) -> list[dict]:
+    """Trainable parameters, split so that biases and norm weights skip decay when asked (Pic2Word).
+
+    `ndims` gives each parameter's rank by its name without wrapper parts (train/strategies.py): under
+    FSDP a parameter is a flat 1-D shard, and its own `ndim` would put every weight in no-decay.
+    """
+    from cirlab.train.strategies import clean_name
+
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        if cfg.no_decay_on_bias_and_norm and (p.ndim < 2 or "bn" in name or "ln" in name or "norm" in name
+        name = clean_name(name)
+        ndim = ndims.get(name, p.ndim) if ndims else p.ndim
+        if cfg.no_decay_on_bias_and_norm and (ndim < 2 or "bn" in name or "ln" in name or "norm" in name
                                               or name.endswith(".bias") or "logit_scale" in name):
             no_decay.append(p)
         else:
@@ -30,12 +39,13 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optimize
     return groups
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig,
+                    ndims: Optional[dict[str, int]] = None) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters; an unknown name is an error."""
     name = cfg.name.lower()
     if name not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {sorted(_OPTIMIZERS)}")
-    groups = param_groups(named_params, cfg)
+    groups = param_groups(named_params, cfg, ndims)
     if not any(g["params"] for g in groups):
         raise ValueError("nothing to train: every parameter is frozen (check the recipe's freeze/lora keys)")
     if name == "sgd":

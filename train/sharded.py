@@ -8,12 +8,15 @@ strategy. A plain checkpoint file passes through.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cirlab.errors import CirlabError
+
+log = logging.getLogger(__name__)
 
 
 def _is_deepspeed_dir(path: Path) -> bool:
@@ -56,3 +59,28 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return {k.removeprefix("_forward_module."): v for k, v in state.items()}
     raise CirlabError(f"{p} is a folder, but neither an FSDP (.metadata) nor a DeepSpeed (latest) checkpoint",
                       "give a .ckpt file or the checkpoint folder a sharded strategy wrote")
+
+
+def read_checkpoint_any(path: str | Path) -> dict[str, Any]:
+    """A Lightning-style checkpoint dict ("state_dict" plus cirlab's records) from a .ckpt file or a
+    sharded folder: what `load_task_state` needs to put back an omitted frozen backbone."""
+    p = Path(path)
+    if p.is_file():
+        from cirlab.train.checkpointing import read_checkpoint
+
+        return read_checkpoint(p)
+    meta: dict[str, Any] = {}
+    if _is_dcp_dir(p) and (p / "meta.pt").is_file():
+        meta = torch.load(p / "meta.pt", map_location="cpu", weights_only=True)
+    elif _is_deepspeed_dir(p):
+        # Lightning stores the checkpoint's other entries as DeepSpeed's client state
+        states = sorted(p.glob("*/mp_rank_00_model_states.pt"))
+        if states:
+            try:
+                full = torch.load(states[0], map_location="cpu", weights_only=True)
+                meta = {k: v for k, v in full.items() if k.startswith("cirlab_") or k == "hyper_parameters"}
+            except Exception as err:  # DeepSpeed's own records are not plain data: weights alone then
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+                log.warning("%s: cirlab records not readable with weights_only (%s); using the weights only",
+                            states[0], first)
+    return {**meta, "state_dict": consolidate_checkpoint(p)}

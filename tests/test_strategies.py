@@ -1,0 +1,121 @@
+"""Sharded strategies: FSDP on 2 real CPU processes (gloo) against DDP, export from a sharded checkpoint
+folder, and the pieces FSDP needs (parameter ranks, scalar parameters, a clear error for validation).
+DeepSpeed needs CUDA (Lightning: "The DeepSpeed strategy is only supported on CUDA GPUs"): its cases
+are in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from cirlab.errors import CirlabError
+from cirlab.train.config import OptimizerConfig
+from cirlab.train.optim import param_groups
+
+SCRIPT = Path(__file__).with_name("strategy_script.py")
+
+
+def test_parameter_groups_use_the_ranks_recorded_before_sharding():
+    # what FSDP's use_orig_params shows after wrapping: flat 1-D views under wrapper names
+    weight = nn.Parameter(torch.zeros(12))  # a (3, 4) matrix before sharding
+    bias, ln = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    named = [("backbone.model.transformer.resblocks.0._fsdp_wrapped_module.mlp.c_fc.weight", weight),
+             ("backbone.model.transformer.resblocks.0._fsdp_wrapped_module.mlp.c_fc.bias", bias),
+             ("backbone.model.ln_final.weight", ln)]
+    ndims = {"backbone.model.transformer.resblocks.0.mlp.c_fc.weight": 2,
+             "backbone.model.transformer.resblocks.0.mlp.c_fc.bias": 1, "backbone.model.ln_final.weight": 1}
+    cfg = OptimizerConfig(weight_decay=0.1, no_decay_on_bias_and_norm=True)
+    decay, no_decay = param_groups(named, cfg, ndims)
+    assert decay["params"] == [weight] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [bias, ln] and no_decay["weight_decay"] == 0.0
+    # without the recorded ranks the flat view would skip decay (the bug this guards against)
+    assert param_groups(named, cfg)[0]["params"] == []
+
+
+def test_scalar_parameters_become_vectors_for_fsdp_and_load_back_as_scalars(tmp_path):
+    from cirlab.train.clip_task import CLIPTask
+    from cirlab.train.config import BackboneConfig
+    from cirlab.train.strategies import FSDPStrategy, load_consolidated, prepare_for_strategy
+
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), learnable_temperature=True, init_logit_scale=20.0)
+    plain = {k: v.clone() for k, v in task.state_dict().items()}
+    strategy = FSDPStrategy()
+    prepare_for_strategy(task, strategy)
+    scale = task.backbone.model.logit_scale
+    assert scale.shape == (1,) and scale.requires_grad
+    assert float(scale) == pytest.approx(float(torch.log(torch.tensor(20.0))))
+    assert task._scalars_vectorized == ["backbone.model.logit_scale"]
+    assert task._param_ndims["backbone.model.visual.conv1.weight"] == 4
+    assert "auto_wrap_policy" in strategy.kwargs
+    # a fresh (unwrapped) task takes the vectorised checkpoint back with its own scalar shape
+    fresh = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), learnable_temperature=True)
+    load_consolidated(fresh, {"state_dict": task.state_dict()})
+    assert fresh.backbone.model.logit_scale.shape == ()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, plain[k]), k
+    with pytest.raises(CirlabError, match="unexpected"):
+        load_consolidated(fresh, {"state_dict": {**task.state_dict(), "extra.weight": torch.zeros(1)}})
+
+
+def test_fsdp_refuses_validation_with_the_fix():
+    from cirlab.train.strategies import FSDPStrategy
+
+    with pytest.raises(CirlabError, match="limit_val_batches"):
+        FSDPStrategy().on_validation_start()
+
+
+@pytest.fixture(scope="module")
+def pair_shards(tmp_path_factory):
+    from cirlab.data.synthetic import build_world
+
+    root = tmp_path_factory.mktemp("strategyworld") / "world"
+    build_world(root, seed=0, n_train_scenes=32, n_eval_queries=8, renders_per_scene=1, shard_size=8,
+                n_triplets=4, n_texts=4, instructions_per_scene=1)
+    return root / "pairs"
+
+
+def _run(shards: Path, out: Path, which: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent))
+    r = subprocess.run([sys.executable, str(SCRIPT), str(shards), str(out), which], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(pair_shards, tmp_path):
+    for which in ("ddp", "fsdp"):
+        _run(pair_shards, tmp_path, which)
+    runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in ("ddp", "fsdp")}
+    # FSDP saved its checkpoint as a folder of per-rank parts (torch.distributed.checkpoint)
+    best = Path(runs["fsdp"][0]["best"])
+    assert best.is_dir() and (best / ".metadata").is_file() and len(list(best.glob("*.distcp"))) == 2
+    assert Path(runs["ddp"][0]["best"]).is_file()
+    # the same losses on each rank, step by step (3 steps of 2 x 4 samples)
+    for r in (0, 1):
+        assert len(runs["fsdp"][r]["losses"]) == 3
+        assert runs["fsdp"][r]["losses"] == pytest.approx(runs["ddp"][r]["losses"], abs=1e-5)
+    for which in ("ddp", "fsdp"):
+        exported = load_file(str(tmp_path / which / "version_0" / "export" / "backbone.safetensors"))
+        # the reference: the weights as the strategy gathers them itself (FSDP FULL_STATE_DICT)
+        full = torch.load(tmp_path / f"{which}-full.pt", weights_only=True)
+        ref = {k.removeprefix("backbone.model."): v for k, v in full.items() if k.startswith("backbone.model.")}
+        assert exported.keys() == ref.keys()
+        for k, v in exported.items():
+            assert v.shape == ref[k].reshape(v.shape).shape and v.dtype == ref[k].dtype
+            assert (v - ref[k].reshape(v.shape)).abs().max().item() <= 1e-6, (which, k)
+        assert exported["logit_scale"].shape == ()  # FSDP's 1-element vector written back as open_clip's scalar
+    a = load_file(str(tmp_path / "fsdp" / "version_0" / "export" / "backbone.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "version_0" / "export" / "backbone.safetensors"))
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, f"FSDP and DDP weights differ by {worst}"
+    # training moved the weights (an export of the initial weights would match nothing above by chance)
+    init = torch.load(tmp_path / "fsdp-init.pt", weights_only=True)
+    assert max((a[k] - init[k].reshape(a[k].shape)).abs().max().item() for k in a) > 1e-4
