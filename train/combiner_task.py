@@ -110,6 +110,18 @@ class CombinerTask(ComposedRetrievalTask):
     def export_modules(self) -> dict[str, nn.Module]:
         return {"combiner": self.combiner} if self.combiner is not None else {}
 
+    # the caption draw's own generator: a resumed run continues its sequence (exact resume)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        version, internal, gauss = self.rng.getstate()
+        checkpoint["cirlab_text_rng"] = {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("cirlab_text_rng")
+        if state is not None:
+            self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
     # ------------------------------------------------------------------ query
     def combine(self, ref: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         """Normalised query from raw reference and text features (stage 1: sum; stage 2: Combiner)."""

@@ -87,6 +87,30 @@ class SlurmRequeue(pl.Callback):
         self.exit_after_s = exit_after_s
         self._pending = False
         self._previous: Any = None
+        self._rng_saving: Optional[list[dict[str, Any]]] = None  # every rank's states, while saving
+        self._rng_restore: Optional[list[dict[str, Any]]] = None  # read from the resumed checkpoint
+
+    # the global random states travel in this callback's checkpoint entry: a resumed run draws the
+    # same dropout masks as the uninterrupted one (restored at its first step, after the loader
+    # started: creating a DataLoader iterator draws a seed from the global torch generator)
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng_saving} if self._rng_saving is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng_restore = state_dict.get("rng")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        states, self._rng_restore = self._rng_restore, None
+        if states is None:
+            return
+        from cirlab.train.rng_state import restore_rng_states
+
+        if len(states) != trainer.world_size:
+            log.warning("resumed on %d ranks from a checkpoint of %d: random states not restored (the sample "
+                        "order differs anyway)", trainer.world_size, len(states))
+            return
+        restore_rng_states(states[trainer.global_rank])
 
     def _handler(self, signum: int, frame: Any) -> None:
         self._pending = True  # acted on at the next step boundary, never inside the step
@@ -148,14 +172,24 @@ class SlurmRequeue(pl.Callback):
                            batch_idx: int) -> None:
         if self._previous is None or not self._agreed(trainer):
             return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # act one step later: a resume at an epoch start would see the epoch's end (validation,
+            # new loader iterators) draw from the random generators the uninterrupted run drew from
+            self._pending = True
+            return
         self._pending = False
-        # this step's metrics are logged by Lightning after this hook, which this job never returns to:
-        # log them now, then flush, so the requeued job appends after them
-        trainer._logger_connector.update_train_step_metrics()
-        for logger in trainer.loggers:
-            logger.save()
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)  # a collective: every rank's stream position is gathered
+        from cirlab.train.rng_state import collect_rng_states
+
+        states = [collect_rng_states()]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, collect_rng_states())
+        self._rng_saving = states
+        try:
+            trainer.save_checkpoint(path)  # a collective: every rank's stream position is gathered
+        finally:
+            self._rng_saving = None
         ok = True
         if trainer.is_global_zero:
             log.warning("preemption signal: saved %s at step %d", path, trainer.global_step)
@@ -163,7 +197,12 @@ class SlurmRequeue(pl.Callback):
                 ok = requeue_job()
         trainer.strategy.barrier()
         if not self.requeue or not ok:
-            return  # keep training; the checkpoint is there for a manual restart
+            return  # keep training (Lightning logs this step as usual); the checkpoint is there for a restart
+        # this step's metrics are logged by Lightning after this hook, which this job never returns to:
+        # log them now, then flush, so the requeued job appends after them
+        trainer._logger_connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
         log.warning("requeued: waiting for SLURM to stop this job")
         deadline = _time.monotonic() + self.exit_after_s
         while _time.monotonic() < deadline:  # SLURM sends SIGTERM/SIGKILL to the job steps
