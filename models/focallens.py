@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -66,10 +67,12 @@ class FocalLens(nn.Module):
         tokens = instruction_tokens(backbone, instructions).to(device)
         lengths = self.instruction_lengths(backbone, tokens)
         n = max(int(lengths.max()), 1) if lengths.numel() else 1
+        # each distinct instruction once (a training batch repeats the world's few questions often)
+        unique, inverse = torch.unique(tokens[:, :n], dim=0, return_inverse=True)
         text_trains = any(p.requires_grad for p in backbone.text_parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
-            feats = backbone.text_token_features(tokens[:, :n])  # causal: a prefix needs no later tokens
-        return self.instruction_proj(feats.to(self.instruction_proj.weight.dtype)), lengths
+            feats = backbone.text_token_features(unique)  # causal: a prefix needs no later tokens
+        return self.instruction_proj(feats.to(self.instruction_proj.weight.dtype))[inverse], lengths
 
     # ------------------------------------------------------------------ images
     def forward(self, backbone: Backbone, images: torch.Tensor,
@@ -105,7 +108,7 @@ class FocalLens(nn.Module):
     @staticmethod
     def attention_mask(n_image: int, n_instr: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Additive (S, S) mask for [class, instruction tokens, patches]: image queries skip instruction
-        keys; instruction queries see the image tokens and themselves."""
+        keys; instruction queries see the image tokens and themselves (the fallback path's form)."""
         seq = n_image + n_instr
         is_instr = torch.zeros(seq, dtype=torch.bool, device=device)
         is_instr[1:1 + n_instr] = True
@@ -117,11 +120,30 @@ class FocalLens(nn.Module):
                      lengths: torch.Tensor) -> torch.Tensor:
         vit = backbone.vision_transformer("FocalLens")
         x = vit._embeds(images)  # open_clip's own embedding (conv, class token, positions, ln_pre)
-        n = instr.shape[1]
-        x = torch.cat([x[:, :1], vit.ln_pre(instr.to(x.dtype)), x[:, 1:]], dim=1)
-        mask = self.attention_mask(x.shape[1] - n, n, x.dtype, x.device)
+        z = vit.ln_pre(instr.to(x.dtype))
+        n = z.shape[1]
         valid = (torch.arange(n, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)
         weights = (valid / valid.sum(dim=1, keepdim=True).clamp(min=1)).unsqueeze(-1)  # (B, n, 1)
+        stack = vit.transformer
+        split = all(_splittable(b) for b in stack.resblocks)
+        if not split:  # e.g. LoRA-wrapped attention: one sequence with the (S, S) mask, same model
+            return self._conditioned_masked(vit, x, z, weights)
+        for layer, block in enumerate(stack.resblocks):
+            if stack.grad_checkpointing and torch.is_grad_enabled():
+                x, z = checkpoint(_split_block, block, x, z, use_reentrant=False)
+            else:
+                x, z = _split_block(block, x, z)
+            cond = (z * weights).sum(dim=1, keepdim=True)  # mean of the valid instruction tokens
+            x = x + self.gate[layer].to(x.dtype) * cond
+        return _pool_project(vit, x)
+
+    def _conditioned_masked(self, vit: nn.Module, x: torch.Tensor, z: torch.Tensor,
+                            weights: torch.Tensor) -> torch.Tensor:
+        """The same model as one [class, instruction, patches] sequence under an (S, S) mask (slower:
+        a mask leaves PyTorch's fused attention kernels), for blocks `_split_block` cannot read."""
+        n = z.shape[1]
+        x = torch.cat([x[:, :1], z, x[:, 1:]], dim=1)
+        mask = self.attention_mask(x.shape[1] - n, n, x.dtype, x.device)
         is_image = torch.ones(x.shape[1], 1, dtype=x.dtype, device=x.device)
         is_image[1:1 + n] = 0
         stack = vit.transformer
@@ -130,13 +152,49 @@ class FocalLens(nn.Module):
                 x = checkpoint(block, x, None, None, mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask=mask)
-            cond = (x[:, 1:1 + n] * weights).sum(dim=1, keepdim=True)  # mean of the valid instruction tokens
+            cond = (x[:, 1:1 + n] * weights).sum(dim=1, keepdim=True)
             x = x + is_image * (self.gate[layer].to(x.dtype) * cond)
-        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)  # pool over class + patch tokens only
-        pooled, _ = vit._pool(x)
-        if vit.proj is not None:
-            pooled = pooled @ vit.proj
-        return pooled
+        return _pool_project(vit, torch.cat([x[:, :1], x[:, 1 + n:]], dim=1))
+
+
+def _pool_project(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ViT's own pooling (class + patch tokens only) and projection."""
+    pooled, _ = vit._pool(x)
+    if vit.proj is not None:
+        pooled = pooled @ vit.proj
+    return pooled
+
+
+def _splittable(block: nn.Module) -> bool:
+    """An open_clip ResidualAttentionBlock whose attention is a plain batch-first nn.MultiheadAttention."""
+    attn = getattr(block, "attn", None)
+    return (type(attn) is nn.MultiheadAttention and attn.batch_first and attn.in_proj_weight is not None
+            and not hasattr(block, "ln_1_kv") and all(hasattr(block, m) for m in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
+
+
+def _split_block(block: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One residual block over image tokens x (B, S, W) and instruction tokens z (B, n, W), kept apart.
+
+    Image tokens never attend to instruction tokens, so their attention is the plain ViT's, unmasked
+    (PyTorch's fused kernels); each instruction token attends to every image token and to itself,
+    computed from the same projections (its n queries against S + 1 keys: small next to S x S).
+    """
+    attn = block.attn
+    b, s, w = x.shape
+    n, heads = z.shape[1], attn.num_heads
+    d = w // heads
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+    qz, kz, vz = F.linear(block.ln_1(z), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, w)
+    scale = d ** -0.5
+    logits = torch.cat([qz @ k.transpose(-1, -2), (qz * kz).sum(-1, keepdim=True)], dim=-1) * scale  # (b, h, n, s+1)
+    p = logits.softmax(dim=-1)
+    oz = (p[..., :s] @ v + p[..., s:] * vz).transpose(1, 2).reshape(b, n, w)
+    x = x + block.ls_1(attn.out_proj(o))
+    z = z + block.ls_1(attn.out_proj(oz))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    z = z + block.ls_2(block.mlp(block.ln_2(z)))
+    return x, z
 
 
 def instruction_tokens(backbone: Backbone, instructions: Sequence[str] | torch.Tensor) -> torch.Tensor:

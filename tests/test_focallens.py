@@ -83,6 +83,28 @@ def test_one_instruction_for_a_gallery_equals_per_image(model):
     torch.testing.assert_close(once, each, atol=1e-6, rtol=0)
 
 
+def test_split_sequences_equal_open_clip_blocks_on_one_masked_sequence(model):
+    # the fast path keeps instruction tokens out of the image attention; the reference is open_clip's
+    # own blocks over [class, instruction, patches] with the (S, S) mask: same outputs and gradients
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb)
+    _open_gate(fl, seed=6)
+    img = _images(3)
+    instr, lengths = fl.encode_instructions(bb, ["what colour is the circle?", "how many", "where is the big one"])
+    vit = bb.vision_transformer()
+    x, z = vit._embeds(img), vit.ln_pre(instr)
+    valid = (torch.arange(z.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    weights = (valid / valid.sum(1, keepdim=True)).unsqueeze(-1)
+    ref = fl._conditioned_masked(vit, x, z, weights)
+    fast = fl.encode_images(bb, img, instr, lengths)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), [fl.gate, fl.instruction_proj.weight], retain_graph=True)
+    g_fast = torch.autograd.grad(fast.pow(2).sum(), [fl.gate, fl.instruction_proj.weight])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (fast - bb.encode_image(img)).abs().max() > 1e-3  # the instruction does change the result
+
+
 def test_gradients_gate_projection_vision_never_frozen_text():
     torch.manual_seed(0)
     bb = Backbone(TINY, freeze_text=True).train()

@@ -74,10 +74,16 @@ class FocalLensTask(ConditionalEmbeddingTask):
         return self.focallens.encode_images(self.backbone, images, instr, lengths)
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.backbone.tokenize(texts).to(self.device)
+        """Raw answer features; each distinct text encoded once (a batch repeats the few answers)."""
+        distinct = list(dict.fromkeys(texts))
+        tokens = self.backbone.tokenize(distinct).to(self.device)
         text_trains = any(p.requires_grad for p in self.backbone.text_parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and text_trains):
-            return self.backbone.encode_text(tokens)
+            feats = self.backbone.encode_text(tokens)
+        if len(distinct) == len(texts):
+            return feats
+        pos = {t: i for i, t in enumerate(distinct)}
+        return feats[torch.tensor([pos[t] for t in texts], device=feats.device)]
 
     def loss(self, images: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
         """Symmetric InfoNCE of conditional image vs answer embeddings; equal answers are not negatives."""
