@@ -42,6 +42,8 @@ class Protocol:
     score_keys: list[str] | None = None  # metrics whose mean is the selection score (FashionIQ:
     # ["R@10", "R@50"]); None: every R@, Rs@ and mAP@ metric. A group's score uses the same keys.
     submission: str | None = None   # test-server format, a key of cirlab.data.submissions.SUBMISSION_FORMATS
+    per_query_gallery: bool = False  # GeneCIS: each query ranks only its own `gallery` list of ids
+    # (a query field; every id also lies in gallery/), never the whole gallery
 
     def selection_score(self, metrics: dict[str, float]) -> float:
         """The one number model selection maximises: the mean of `score_keys` (NaN if none present)."""

@@ -118,8 +118,10 @@ class QueryLog:
 
     @classmethod
     def for_protocol(cls, protocol: Protocol) -> "QueryLog":
-        """A log that also keeps the query fields the protocol breaks its recalls down by."""
-        return cls(fields={name: [] for name in protocol.breakdown})
+        """A log that also keeps the query fields the protocol breaks its recalls down by (and each
+        query's own gallery under a per-query-gallery protocol)."""
+        names = list(protocol.breakdown) + (["gallery"] if protocol.per_query_gallery else [])
+        return cls(fields={name: [] for name in names})
 
 
 @dataclass
@@ -159,6 +161,12 @@ def rank_queries(protocol: Protocol, gallery: GalleryIndex, queries: QueryLog, t
         raise CirlabError(f"evaluation set {protocol.name!r} produced no queries", "check its queries/ shards")
     q = F.normalize(queries.features, dim=-1)
     g = F.normalize(gallery.features, dim=-1)
+    if protocol.per_query_gallery:
+        ranked = per_query_rankings(protocol, q, g, gallery, queries)
+        return RankedQueries(list(queries.qids), list(queries.ref_ids), list(queries.target_ids),
+                             [list(x or []) for x in queries.gt_ids], [list(x or []) for x in queries.subsets],
+                             [list(x or []) for x in queries.texts], {n: list(v) for n, v in queries.fields.items()},
+                             ranked, [[] for _ in ranked])
     exclude = None
     if protocol.exclude_reference:
         pos = gallery.position
@@ -227,6 +235,33 @@ def breakdown_recalls(protocol: Protocol, fields: dict[str, list[Any]], ranked: 
             rows = [i for i, v in enumerate(values) if v == value]
             sub = recall_at_k([ranked[i] for i in rows], [target_ids[i] for i in rows], protocol.recall_ks)
             out.update({f"{name}={value}/R@{kk}": v for kk, v in sub.items()})
+    return out
+
+
+def per_query_rankings(protocol: Protocol, q: torch.Tensor, g: torch.Tensor, gallery: GalleryIndex,
+                       queries: QueryLog) -> list[list[str]]:
+    """Each query's own gallery (its `gallery` field) ranked by similarity, best first: GeneCIS.
+
+    Only members whose features were encoded take part (all of them, unless limit_val_batches cut the
+    gallery); the reference is removed where the protocol says so. Ties keep the listed order, as a
+    sort of the benchmark's similarity row does (its target comes first).
+    """
+    pos = gallery.position
+    lists = queries.fields.get("gallery", [])
+    out = []
+    for i, (members, ref) in enumerate(zip(lists, queries.ref_ids)):
+        if not isinstance(members, (list, tuple)) or not members:
+            raise CirlabError(f"evaluation set {protocol.name!r}: query {queries.qids[i]} has no `gallery` list, and "
+                              "its protocol ranks each query over its own gallery (per_query_gallery)",
+                              "write the set with `cirlab data genecis`, or give every query a gallery list of ids")
+        keep = [str(m) for m in dict.fromkeys(members) if str(m) in pos
+                and not (protocol.exclude_reference and str(m) == ref)]
+        if not keep:
+            out.append([])
+            continue
+        scores = g[[pos[m] for m in keep]] @ q[i]
+        order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        out.append([keep[j] for j in order])
     return out
 
 

@@ -110,5 +110,6 @@ def convert_genecis(json_path: str | os.PathLike, task: str, out: str | os.PathL
             yield {"id": key, "image": im}
 
     protocol = Protocol(name=f"genecis-{task.replace('_', '-')}", split="val", recall_ks=[1, 2, 3],
-                        text_format="plain", group="genecis", score_keys=["R@1", "R@2", "R@3"])
+                        text_format="plain", group="genecis", score_keys=["R@1", "R@2", "R@3"],
+                        per_query_gallery=True)
     return write_eval_set(out, protocol, iter(queries), gallery_samples(), maxcount=maxcount)
