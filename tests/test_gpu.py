@@ -16,7 +16,7 @@ import torch
 from cirlab.data.retrieval import RetrievalDataModule
 from cirlab.train.clip_task import CLIPTask
 from cirlab.train.combiner_task import CombinerTask
-from cirlab.train.config import BackboneConfig, OptimizerConfig
+from cirlab.train.config import BackboneConfig, OptimizerConfig, SchedulerConfig
 from cirlab.train.lincir_task import LinCIRTask, MaskingConfig
 
 CUDA = torch.cuda.is_available()
@@ -109,3 +109,101 @@ def test_deepspeed_stage_2_clip_step(small_world, tmp_path):
                              steps_per_epoch=STEPS, num_workers=0)
     _fit(task, dm, strategy="deepspeed_stage_2", default_root_dir=str(tmp_path))
     assert _changed(before, task.backbone)
+
+
+# ----------------------------------------------------------------------------- sharded strategies
+# DeepSpeed is CUDA only (Lightning: "The DeepSpeed strategy is only supported on CUDA GPUs but
+# `CPUAccelerator` is used."); Lightning's `fsdp` string asks for a GPU too ("The strategy `fsdp`
+# requires a GPU accelerator"), cirlab's FSDPStrategy runs on CPU processes (tests/test_strategies.py).
+# Here: each on one GPU, fit, then the export (consolidated from the strategy's checkpoint) must equal
+# the weights the strategy itself gathers.
+
+STRATEGY_STEPS = 3
+
+
+def _strategy_task(kind: str):
+    torch.manual_seed(0)
+    opt = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1, no_decay_on_bias_and_norm=True)
+    if kind == "clip":
+        return CLIPTask(backbone=BackboneConfig("ViT-B-32"), optimizer=opt,
+                        scheduler=SchedulerConfig("constant")), "pairs", "pair"
+    if kind == "combiner":
+        return CombinerTask(stage=1, backbone=BackboneConfig("ViT-B-32"), optimizer=opt,
+                            scheduler=SchedulerConfig("constant")), "triplets/train", "triplet"
+    from cirlab.train.focallens_task import FocalLensTask
+
+    return FocalLensTask(backbone=BackboneConfig("ViT-B-32", freeze_text=True), optimizer=opt,
+                         scheduler=SchedulerConfig("constant")), "instructions", "instruction"
+
+
+def _gathered(trainer) -> dict[str, torch.Tensor]:
+    """The task's weights as the strategy gathers them (the reference for the export)."""
+    from cirlab.train.strategies import is_fsdp
+
+    strategy = trainer.strategy
+    if is_fsdp(strategy):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT,
+                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+            full = strategy.model.state_dict()
+    else:  # DeepSpeed: ZeRO-3 parameters are partitioned outside a forward; gather them
+        import deepspeed
+
+        module = trainer.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            full = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.float().cpu() for k, v in full.items()}
+
+
+def _part(full: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+@pytest.mark.skipif(not CUDA, reason="sharded strategies are tested on CUDA here; FSDP on CPU in test_strategies.py")
+@pytest.mark.parametrize("strategy, kind", [
+    ("deepspeed_stage_2", "clip"), ("deepspeed_stage_3", "clip"), ("deepspeed_stage_3", "combiner"),
+    ("deepspeed_stage_2", "focallens"), ("fsdp", "clip"), ("cirlab_fsdp", "combiner"), ("cirlab_fsdp", "focallens"),
+])
+def test_sharded_strategy_fit_exports_the_gathered_weights(strategy, kind, small_world, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    from safetensors.torch import load_file
+
+    from cirlab.train.strategies import FSDPStrategy
+
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="pip install 'cirlab[deepspeed]'")
+    task, shards, data_kind = _strategy_task(kind)
+    before = {k: v.detach().float().clone() for k, v in task.backbone.merged_state_dict().items()}
+    dm = RetrievalDataModule(train=str(small_world.path(shards)), kind=data_kind, batch_size=8,
+                             steps_per_epoch=STRATEGY_STEPS, num_workers=0)
+    losses: list[float] = []
+
+    class Log(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    # no checkpoint callback: the export consolidates the checkpoint it writes at fit end
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_epochs=1, limit_val_batches=0,
+                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path, name="run", version=0),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        strategy=FSDPStrategy() if strategy == "cirlab_fsdp" else strategy, callbacks=[Log()])
+    trainer.fit(task, datamodule=dm)
+    assert len(losses) == STRATEGY_STEPS and all(torch.isfinite(torch.tensor(losses))), losses
+    full = _gathered(trainer)
+    export = tmp_path / "run" / "version_0" / "export"
+    files = {"backbone": "backbone.model.", "focallens": "focallens."}
+    assert sorted(p.name for p in export.iterdir()) == sorted(f"{n}.safetensors" for n in files
+                                                              if n == "backbone" or kind == n)
+    for name, prefix in files.items():
+        if not (export / f"{name}.safetensors").is_file():
+            continue
+        got, reference = load_file(str(export / f"{name}.safetensors")), _part(full, prefix)
+        assert got.keys() == reference.keys(), name
+        worst = max((v.float() - reference[k].reshape(v.shape)).abs().max().item() for k, v in got.items())
+        assert worst <= 1e-6, f"{strategy}: {name} export differs from the gathered weights by {worst}"
+    exported = load_file(str(export / "backbone.safetensors"))
+    moved = max((exported[k].float() - before[k].reshape(exported[k].shape)).abs().max().item()
+                for k in exported if k in before)
+    assert moved > 0, "training changed nothing"

@@ -153,8 +153,9 @@ class BaseTask(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         from cirlab.train.checkpointing import ExportOnFitEnd
+        from cirlab.train.strategies import ShardedStrategySupport
 
-        return [ExportOnFitEnd()]
+        return [ExportOnFitEnd(), ShardedStrategySupport()]
 
     def configure_model(self) -> None:
         """Lightning's hook before the strategy wraps the model: what FSDP needs (train/strategies.py)."""

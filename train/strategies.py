@@ -88,6 +88,35 @@ def prepare_for_strategy(task: nn.Module, strategy: Any) -> None:
     task._param_ndims = {clean_name(n): p.dim() for n, p in task.named_parameters()}
 
 
+def loose_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that their owner's code reads outside that owner's forward: the direct parameters of
+    non-leaf modules (open_clip's `positional_embedding`, `text_projection`, `proj`, `class_embedding`,
+    `logit_scale`; Backbone and FocalLens call the towers' pieces one by one). MultiheadAttention
+    reads its own in its forward."""
+    found = []
+    for mod in module.modules():
+        if isinstance(mod, nn.MultiheadAttention) or not any(True for _ in mod.children()):
+            continue
+        found += [p for p in mod.parameters(recurse=False)]
+    return found
+
+
+class ShardedStrategySupport(pl.Callback):
+    """Added to every task (BaseTask.configure_callbacks). Under DeepSpeed ZeRO-3 each module gathers
+    its own parameters around its forward only: the loose parameters (see `loose_parameters`) are
+    registered with the engine's outer module, whose forward encloses every training/validation step."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        strategy = trainer.strategy
+        if not (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+            return
+        import deepspeed
+
+        outer = getattr(strategy.model, "module", strategy.model)  # the engine's module: Lightning's wrapper
+        for p in loose_parameters(pl_module):
+            deepspeed.zero.register_external_parameter(outer, p)
+
+
 class FSDPStrategy(_LightningFSDP):
     """Lightning's FSDPStrategy with cirlab's defaults: each open_clip block its own FSDP unit,
     sharded checkpoints (one folder, a part per rank), and CPU processes allowed (gloo).
