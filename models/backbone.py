@@ -239,8 +239,28 @@ class Backbone(nn.Module):
         return self._require_visual()(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw projected text features (B, D)."""
-        return self.model.encode_text(tokens)
+        """Raw projected text features (B, D); the padding after the batch's last end token is not run."""
+        cut = self.trim_padding(tokens)
+        if cut.shape[1] == tokens.shape[1]:
+            return self.model.encode_text(tokens)
+        return self._pool_project_text(self._text_token_features(cut), cut)
+
+    def trim_padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids without the padding after the batch's last end token (same pooled features).
+
+        Exact for a causal text tower that pools at the end token: no position attends to a later
+        one, so the cut positions never reach the output. Captions of 10-40 tokens then run 10-40
+        positions instead of the context's 77 (the text tower was most of a small CLIP's step).
+        A tower that sees the whole sequence (no causal mask, other pooling) is left as it is.
+        """
+        parts = self._text_parts()
+        if parts is None or parts.attn_mask is None or parts.pool_type not in ("argmax", "eos") or tokens.dim() != 2:
+            return tokens
+        if parts.pool_type == "argmax":
+            end = tokens.argmax(dim=1)
+        else:
+            end = (tokens == parts.eos_id).int().argmax(dim=1)
+        return tokens[:, : int(end.max()) + 1]
 
     def _text_token_features(self, tokens: torch.Tensor, replace: torch.Tensor | None = None,
                              values: torch.Tensor | None = None) -> torch.Tensor:
@@ -300,6 +320,8 @@ class Backbone(nn.Module):
             first = replace.int().argmax(dim=1)  # index of the first True in each row
             replace = torch.zeros_like(replace)
             replace[torch.arange(tokens.shape[0], device=tokens.device), first] = True
+        tokens = self.trim_padding(tokens)
+        replace = replace[:, : tokens.shape[1]]   # placeholders lie before the end token: none is cut
         x = self._text_token_features(tokens, replace, pseudo)
         return self._pool_project_text(x, tokens)
 

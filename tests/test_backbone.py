@@ -296,3 +296,21 @@ def test_lora_restricted_to_tower_and_blocks():
         Backbone(TINY, lora={"rank": 2})
     with pytest.raises(ValueError, match="out of range"):
         Backbone(TINY, lora={"blocks": [5]})
+
+
+def test_encode_text_skips_the_padding_and_equals_open_clip(bb):
+    """The cut after the batch's last end token changes nothing: open_clip's own encode_text on the
+    full 77 positions gives the same features; the transformer really runs the short sequence."""
+    texts = ["a red circle", "a photo of a large blue square at the top left and a small green circle"]
+    tokens = bb.tokenize(texts)
+    lengths = []
+    hook = bb.model.transformer.register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    try:
+        with torch.no_grad():
+            ours = bb.encode_text(tokens)
+            theirs = bb.model.encode_text(tokens)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    # our call: 1 + 17 words + end token; open_clip's: the whole context
+    assert lengths == [int(tokens[1].argmax()) + 1, 77] and lengths[0] < 25

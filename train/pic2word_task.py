@@ -238,17 +238,8 @@ class Pic2WordTask(ComposedRetrievalTask):
 
     # ------------------------------------------------------------------ training
     def trim_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Drop the padding after the batch's last end token. Exact for CLIP's text tower: under its
-        causal mask no position attends to a later one, and it pools at the end token, so the cut
-        positions never reach the output. "a photo of *" runs 6 positions instead of 77."""
-        parts = self.backbone._text_parts()
-        if parts is None or parts.attn_mask is None or parts.pool_type not in ("argmax", "eos"):
-            return tokens  # a tower that sees the whole sequence: nothing is cut
-        if parts.pool_type == "argmax":
-            end = tokens.argmax(dim=1)
-        else:
-            end = (tokens == parts.eos_id).int().argmax(dim=1)
-        return tokens[:, : int(end.max()) + 1]
+        """Drop the padding after the batch's last end token ("a photo of *" runs 6 positions, not 77)."""
+        return self.backbone.trim_padding(tokens)
 
     def pseudo_text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Raw text features of "a photo of *" with mapper(image feature) as `*`."""
