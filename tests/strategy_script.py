@@ -48,7 +48,7 @@ if __name__ == "__main__":
                     scheduler=SchedulerConfig("constant"))
     dm = RetrievalDataModule(train=shards, kind="pair", batch_size=8, resampled=False, num_workers=0,
                              shuffle_buffer=0)
-    strategy = FSDPStrategy() if which == "fsdp" else "ddp"
+    strategy = "cirlab_fsdp" if which == "fsdp" else "ddp"  # the name a recipe gives trainer.strategy
     torch.save(task.backbone.merged_state_dict(), out / f"{which}-init.pt")
     rec = Losses()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, max_epochs=1,

@@ -93,6 +93,8 @@ def precision_for_device(requested: str, on_cuda: bool, bf16_supported: bool) ->
 def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    import cirlab.train.strategies  # noqa: F401  registers `trainer.strategy: cirlab_fsdp`
+
     class CirlabCLI(LightningCLI):
         """LightningCLI with cirlab's defaults: any BaseTask subclass and any LightningDataModule."""
 

@@ -4,9 +4,10 @@ One recipe key selects the strategy: `trainer.strategy` (docs/recipes.md, "Strat
 
 - `ddp` (default for several devices), `deepspeed_stage_2`, `deepspeed_stage_3` (CUDA only:
   Lightning's DeepSpeedStrategy refuses other accelerators), `fsdp` (Lightning's, CUDA only);
-- `cirlab.train.strategies.FSDPStrategy` (class_path, init_args as Lightning's FSDPStrategy): the
-  same FSDP, wrapping each open_clip residual block by default, sharded checkpoint folders by
-  default, and running on CPU processes too (gloo; the tests use it).
+- `cirlab_fsdp`, or `cirlab.train.strategies.FSDPStrategy` as class_path with init_args as
+  Lightning's FSDPStrategy (`state_dict_type`, `sharding_strategy`, `cpu_offload`, ...): the same
+  FSDP, wrapping each open_clip residual block by default, sharded checkpoint folders by default,
+  and running on CPU processes too (gloo; the tests use it).
 
 What the tasks need under FSDP is done here, before the model is wrapped (`prepare_for_strategy`,
 called from BaseTask.configure_model): scalar parameters (open_clip's `logit_scale`) become 1-element
@@ -161,6 +162,18 @@ class FSDPStrategy(_LightningFSDP):
                           "forward, where each rank holds only a shard of the weights",
                           "set trainer.limit_val_batches: 0 (and num_sanity_val_steps: 0) for the FSDP fit, then "
                           "evaluate its export/ with `cirlab evaluate`, or use ddp / deepspeed_stage_2")
+
+
+def _register() -> None:
+    """`trainer.strategy: cirlab_fsdp` (a string a recipe or --trainer.strategy can name)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if "cirlab_fsdp" not in StrategyRegistry:
+        StrategyRegistry.register("cirlab_fsdp", FSDPStrategy,
+                                  description="FSDP per open_clip block, sharded checkpoints, CPU allowed")
+
+
+_register()
 
 
 # ----------------------------------------------------------------------------- export of sharded runs
