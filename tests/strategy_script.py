@@ -1,8 +1,11 @@
-"""Run by tests/test_strategies.py: the CLIP pair task on 2 CPU processes (gloo) under ddp or FSDP.
+"""Run by tests/test_strategies.py as 2 processes (RANK/WORLD_SIZE set by the test, so Lightning
+starts no others): the CLIP pair task fitted under ddp, then under FSDP (`cirlab_fsdp`), in the same
+processes (one start-up for both).
 
-argv: pair shards, output folder, strategy ("ddp" or "fsdp"). Writes <strategy>-rank<r>.json (that rank's
-losses), and on rank 0 <strategy>-full.pt: the weights as the strategy itself gathers them after fit
-(torch FSDP's FULL_STATE_DICT, or the DDP module's state dict), the reference for the export.
+argv: pair shards, output folder. Writes <strategy>-rank<r>.json (that rank's losses, the selected
+checkpoint), and on rank 0 <strategy>-init.pt (the initial backbone) and <strategy>-full.pt: the
+weights as the strategy itself gathers them after fit (torch FSDP's FULL_STATE_DICT, or the DDP
+module's state dict), the reference for the export.
 """
 
 import json
@@ -39,8 +42,7 @@ def full_state_dict(trainer: L.Trainer) -> dict:
     return trainer.lightning_module.state_dict()
 
 
-if __name__ == "__main__":
-    shards, out, which = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+def fit(shards: str, out: Path, which: str) -> None:
     torch.manual_seed(0)
     # weight decay with no decay on biases/norms: the parameter groups must not depend on sharding
     task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"),
@@ -60,3 +62,8 @@ if __name__ == "__main__":
     full = full_state_dict(trainer)
     if trainer.global_rank == 0:
         torch.save({k: v.detach().cpu() for k, v in full.items()}, out / f"{which}-full.pt")
+
+
+if __name__ == "__main__":
+    for which in ("ddp", "fsdp"):
+        fit(sys.argv[1], Path(sys.argv[2]), which)

@@ -82,17 +82,32 @@ def pair_shards(tmp_path_factory):
     return root / "pairs"
 
 
-def _run(shards: Path, out: Path, which: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent))
-    r = subprocess.run([sys.executable, str(SCRIPT), str(shards), str(out), which], capture_output=True, text=True,
-                       timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_ranks(shards: Path, out: Path) -> None:
+    """Both ranks started here (as torchrun would): Lightning then launches none, and one start-up
+    serves the ddp and the FSDP fit."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0", RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(shards), str(out)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
 
 
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(pair_shards, tmp_path):
-    for which in ("ddp", "fsdp"):
-        _run(pair_shards, tmp_path, which)
+    _run_two_ranks(pair_shards, tmp_path)
     runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in ("ddp", "fsdp")}
     # FSDP saved its checkpoint as a folder of per-rank parts (torch.distributed.checkpoint)
     best = Path(runs["fsdp"][0]["best"])
