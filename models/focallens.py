@@ -1,22 +1,29 @@
 """FocalLens-CLIP (our design, METHODS.md "FocalLens"): an open_clip ViT conditioned on an instruction.
 
 The instruction is tokenized and run through the CLIP text tower; its per-token features after
-ln_final (SOT .. EOT, the causal tower's prefix encodings) are projected to the ViT width and inserted
-after the class token of the ViT's input sequence. The conditional embedding is the ViT's usual pooled
-output over the class and patch tokens (instruction tokens dropped before pooling), projected as usual.
+ln_final (SOT .. EOT, the causal tower's prefix encodings) are projected to the ViT width and take
+part in every block of the ViT as extra tokens. The conditional embedding is the ViT's usual pooled
+output over the class and patch tokens (instruction tokens are not pooled), projected as usual.
 
 Gate, and why it is not on the attention logits: with a gate that is exactly zero at init, any gate
 on logits or keys must be a -inf bias, whose gradient is zero (the gate could never open). So:
-- the class and patch tokens never attend to instruction tokens (an additive -inf mask on those
-  keys); instruction tokens attend to every image token and to themselves only (so padding after a
-  short instruction's EOT, and the batch's longest instruction, change nothing: one (S, S) mask);
+- the class and patch tokens never attend to instruction tokens; instruction tokens attend to every
+  image token and to themselves only (so padding after a short instruction's EOT, and the batch's
+  longest instruction, change nothing);
 - after each block, every image token gets ``gate[l] * mean(valid instruction tokens)`` added
   (a per-layer, per-channel gate, zero-initialised, as LayerScale/Flamingo's tanh gates).
-With gate = 0 the image tokens run exactly the plain ViT (masked keys get softmax weight 0), so the
-untrained model gives the plain CLIP image feature; an empty instruction (no word between SOT and
-EOT) skips the instruction path altogether, and so does a closed gate without autograd (inference of
-an untrained model: the result is the same, up to float rounding, ~1e-6 at ViT-B/16). The gate receives gradient from the first step; the
-projection does once the gate is non-zero (as with every zero-gated adapter).
+With gate = 0 the image tokens run exactly the plain ViT, so the untrained model gives the plain CLIP
+image feature; an empty instruction (no word between SOT and EOT) skips the instruction path
+altogether, and so does a closed gate without autograd (inference of an untrained model: the result
+is the same, up to float rounding, ~1e-6 at ViT-B/16). The gate receives gradient from the first
+step; the projection does once the gate is non-zero (as with every zero-gated adapter).
+
+Since image tokens never look at instruction tokens, the two are kept as separate sequences
+(`_split_block`): the image tokens' attention is the plain ViT's, without a mask, so it keeps
+PyTorch's fused attention kernels, and the n instruction queries attend to the S image keys plus
+their own (n x (S + 1) scores, small next to S x S). The result equals open_clip's own blocks run
+on one [class, instruction, patches] sequence under an (S, S) mask (`_conditioned_masked`, kept for
+blocks whose attention is not a plain nn.MultiheadAttention, e.g. LoRA-wrapped).
 """
 
 from __future__ import annotations

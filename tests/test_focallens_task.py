@@ -130,3 +130,22 @@ def test_ddp_loss_and_gradients_equal_one_process(tmp_path):
         assert got["loss"] == pytest.approx(loss.item(), abs=1e-5)
         for name, g in ref.items():
             torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_adapter_lr_scale_puts_gate_and_projection_in_their_own_groups():
+    from cirlab.train.config import OptimizerConfig, SchedulerConfig
+
+    torch.manual_seed(0)
+    task = FocalLensTask(adapter_lr_scale=20.0, backbone=BackboneConfig("cirlab-tiny", freeze_text=True),
+                         optimizer=OptimizerConfig("adamw", lr=1e-4, weight_decay=0.1, no_decay_on_bias_and_norm=True),
+                         scheduler=SchedulerConfig("cosine", warmup_steps=0, total_steps=10))
+    opt = task.configure_optimizers()["optimizer"]
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    fl = task.focallens
+    assert lr_of[id(fl.gate)] == (pytest.approx(2e-3), 0.0)  # 1-d: no decay, 20 x the rate
+    assert lr_of[id(fl.instruction_proj.weight)] == (pytest.approx(2e-3), 0.1)
+    assert lr_of[id(task.backbone.model.visual.conv1.weight)] == (pytest.approx(1e-4), 0.1)
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable)  # every trainable parameter once, nothing frozen
+    with pytest.raises(ValueError, match="adapter_lr_scale"):
+        FocalLensTask(adapter_lr_scale=0)

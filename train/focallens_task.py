@@ -20,22 +20,29 @@ from cirlab.losses import info_nce
 from cirlab.models.focallens import FocalLens
 from cirlab.train.conditional import ConditionalEmbeddingTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
+from cirlab.train.optim import build_optimizer, lr_lambda
 
 
 class FocalLensTask(ConditionalEmbeddingTask):
     """FocalLens-CLIP: contrastive instruction tuning of the vision tower (see the module docstring).
 
     `init_logit_scale`: None keeps the backbone's own (1/0.07 at random init, 100 for released CLIP
-    weights); `learnable_temperature` trains it (clamped at 100, as CLIP).
+    weights); `learnable_temperature` trains it (clamped at 100, as CLIP). `adapter_lr_scale`
+    multiplies the learning rate of the instruction projection and the gates (ours): a gate that
+    starts at exactly zero opens by about one learning rate per Adam step, so at a fine-tuning rate
+    it stays nearly shut for hundreds of steps (and the projection, whose gradient goes through it, learns nothing).
     """
 
     def __init__(self, learnable_temperature: bool = True, init_logit_scale: Optional[float] = None,
-                 eval_sets: Optional[list[str]] = None, eval_every_n_epochs: int = 1,
+                 adapter_lr_scale: float = 1.0, eval_sets: Optional[list[str]] = None, eval_every_n_epochs: int = 1,
                  backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
                  scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
         if init_logit_scale is not None and init_logit_scale <= 0:
             raise ValueError(f"init_logit_scale must be > 0, got {init_logit_scale}")
+        if adapter_lr_scale <= 0:
+            raise ValueError(f"adapter_lr_scale must be > 0, got {adapter_lr_scale}")
         self.learnable_temperature = learnable_temperature
+        self.adapter_lr_scale = adapter_lr_scale
         self.init_logit_scale = init_logit_scale
         super().__init__(eval_sets, eval_every_n_epochs, backbone, optimizer, scheduler, evaluation)
 
@@ -58,6 +65,26 @@ class FocalLensTask(ConditionalEmbeddingTask):
             with torch.no_grad():
                 scale.fill_(math.log(self.init_logit_scale))
         scale.requires_grad_(self.learnable_temperature)
+
+    def configure_optimizers(self) -> Any:
+        if self.adapter_lr_scale == 1.0:
+            return super().configure_optimizers()
+        opt = build_optimizer(self.named_parameters(), self.optimizer_cfg, getattr(self, "_param_ndims", None))
+        adapter = {id(p) for p in self.focallens.parameters()}
+        # the adapter's parameters in groups of their own at the scaled rate (same decay split); the
+        # schedule's multiplier then applies to each group's own base rate
+        for group in list(opt.param_groups):
+            mine = [p for p in group["params"] if id(p) in adapter]
+            group["params"] = [p for p in group["params"] if id(p) not in adapter]
+            for decays in (True, False):  # the gates never decay: decay would pull them shut
+                part = [p for p in mine if (p is not self.focallens.gate) == decays]
+                if part:
+                    opt.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": part,
+                                         "lr": group["lr"] * self.adapter_lr_scale,
+                                         "weight_decay": group["weight_decay"] if decays else 0.0})
+        opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.scheduler_cfg, self.schedule_length()))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def logit_scale(self) -> torch.Tensor:
         return self.backbone.model.logit_scale.exp().clamp(max=100)
