@@ -157,7 +157,7 @@ class LocalSlurm:
 
 class RecordBatches(pl.Callback):
     """Appends {"step", "epoch", "ids", "restart"} per training step to $CIRLAB_TEST_RECORD; sleeps
-    $CIRLAB_TEST_STEP_SLEEP seconds per step (time for a test to send a signal mid-epoch)."""
+    $CIRLAB_TEST_STEP_SLEEP seconds per step before a requeue (time for a test to send a signal mid-epoch)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         path = os.environ.get("CIRLAB_TEST_RECORD")
@@ -166,7 +166,8 @@ class RecordBatches(pl.Callback):
                 f.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
                                     "ids": list(batch["id"]), "restart": os.environ.get("SLURM_RESTART_COUNT", "0")})
                         + "\n")
-        time.sleep(float(os.environ.get("CIRLAB_TEST_STEP_SLEEP", "0")))
+        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":  # the requeued job has nothing to wait for
+            time.sleep(float(os.environ.get("CIRLAB_TEST_STEP_SLEEP", "0")))
 
 
 def read_record(path: Path) -> list[dict]:

@@ -204,6 +204,9 @@ class SlurmRequeue(pl.Callback):
         for logger in trainer.loggers:
             logger.save()
         log.warning("requeued: waiting for SLURM to stop this job")
+        # SLURM stops the old job with SIGTERM, then SIGKILL after KillWait: leave at the SIGTERM
+        # (Lightning's own SIGTERM handler only takes note, which would keep us until the SIGKILL)
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
         deadline = _time.monotonic() + self.exit_after_s
         while _time.monotonic() < deadline:  # SLURM sends SIGTERM/SIGKILL to the job steps
             _time.sleep(1.0)
