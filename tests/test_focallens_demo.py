@@ -1,0 +1,42 @@
+"""The demo's conditional-retrieval table: run_focallens_demo at its fast scale (a few steps)."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cirlab.errors import CirlabError
+from cirlab.models import Backbone
+from cirlab.train.focallens_demo import BASELINE_ROW, FOCALLENS_ROW, run_focallens_demo
+
+
+@pytest.fixture(scope="module")
+def clip_export(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("clip") / "export"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in Backbone("cirlab-tiny").merged_state_dict().items()},
+              str(out / "backbone.safetensors"))
+    return out
+
+
+def test_fast_demo_returns_both_rows(small_world, clip_export, tmp_path):
+    rows = run_focallens_demo(small_world.root, tmp_path / "fl", clip_export, seed=0, scale="fast")
+    assert list(rows) == [BASELINE_ROW, FOCALLENS_ROW]
+    for m in rows.values():
+        assert {"mAP@10", "R@1", "R@5", "R@10", "A-R@1"} <= set(m)
+        assert all(0 <= m[k] <= 100 and not math.isnan(m[k]) for k in ("mAP@10", "R@1", "A-R@1"))
+    # the run went through the recipe, trained, and exported FocalLens's own weights: the gates opened
+    export = list((tmp_path / "fl" / "runs" / "focallens").glob("version_*/export/focallens.safetensors"))
+    assert len(export) == 1 and load_file(str(export[0]))["gate"].abs().max() > 0
+    assert (tmp_path / "fl" / "conditional" / "protocol.json").is_file()
+
+
+def test_bad_inputs_are_clear_errors(small_world, clip_export, tmp_path):
+    with pytest.raises(CirlabError, match="instruction shards"):
+        run_focallens_demo(tmp_path, tmp_path / "o", clip_export, scale="fast")
+    with pytest.raises(CirlabError, match="backbone.safetensors"):
+        run_focallens_demo(small_world.root, tmp_path / "o", tmp_path, scale="fast")
+    with pytest.raises(CirlabError, match="scale"):
+        run_focallens_demo(small_world.root, tmp_path / "o", clip_export, scale="huge")
