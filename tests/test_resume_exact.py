@@ -188,3 +188,41 @@ def test_wandb_continues_the_same_run_after_a_requeue(triplets, tmp_path, monkey
     assert all(f.name == f"run-slurm-{JOB}.wandb" for f in files)
     # the requeued job's rows continue after the preempted job's (Lightning's x-axis is the global step)
     assert first == [0, 1, 2] and second == list(range(3, 12)), (first, second)
+
+
+@pytest.mark.slow
+def test_cirlab_fit_ckpt_path_continues_the_wandb_run(tmp_path, monkeypatch):
+    """Without SLURM (no id given): `cirlab fit --ckpt_path` takes the run id the checkpoint records."""
+    import wandb
+
+    from cirlab.data.synthetic import build_world
+    from cirlab.train.cli import run_lightning
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "runs"))
+    world = tmp_path / "world"
+    build_world(world, seed=0, n_train_scenes=16, n_eval_queries=4, renders_per_scene=1, shard_size=8,
+                n_triplets=2, n_texts=2, instructions_per_scene=1)
+    args = ["fit", "-c", "quickstart/clip", "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            f"--data.init_args.train={world}/pairs", f"--data.init_args.val={world}/pairs_val",
+            "--data.init_args.num_workers=0", "--data.init_args.batch_size=8", "--data.init_args.steps_per_epoch=2",
+            "--trainer.logger.class_path=lightning.pytorch.loggers.WandbLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.logger.init_args.offline=true",
+            "--trainer.logger.init_args.project=cirlab-test"]
+    cli = run_lightning([*args, "--trainer.max_steps=2"])
+    first_id = cli.trainer.logger.version
+    ckpt = tmp_path / "stopped.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    wandb.finish()
+    assert torch.load(ckpt, weights_only=True)["cirlab_wandb_id"] == first_id
+    cli = run_lightning([*args, "--trainer.max_steps=4", f"--ckpt_path={ckpt}"])
+    assert cli.trainer.global_step == 4
+    second_id = cli.trainer.logger.version
+    wandb.finish()
+    files = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    (id_a, steps_a), (id_b, steps_b) = (_wandb_run(f) for f in files)
+    assert first_id == second_id == id_a == id_b
+    assert steps_a == [0, 1] and steps_b == [2, 3], (steps_a, steps_b)

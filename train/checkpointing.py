@@ -66,6 +66,10 @@ def save_task_state(task: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint["cirlab_task"] = class_path
     hp = checkpoint.setdefault("hyper_parameters", {})
     hp.setdefault("_class_path", class_path)  # what LightningCLI writes: `cirlab test --ckpt_path` reads it
+    trainer = getattr(task, "_trainer", None)
+    for logger in (trainer.loggers if trainer is not None else []):
+        if type(logger).__name__ == "WandbLogger" and logger.version:
+            checkpoint["cirlab_wandb_id"] = str(logger.version)  # `cirlab fit --ckpt_path` continues it
     cfg = task.backbone_cfg
     include_visual = bool(task.needs_image_tower)
     if task.trainable_backbone() or not cfg.pretrained:

@@ -114,6 +114,10 @@ def _lightning_cli_class():
             trainer = cfg.get("trainer")
             if trainer is None:
                 return
+            if self.subcommand == "fit" and cfg.get("ckpt_path"):
+                from cirlab.train.resume import continue_wandb_run
+
+                continue_wandb_run(trainer, cfg.get("ckpt_path"))
             if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
                 # the default rich bar would make Lightning refuse `enable_progress_bar: false`
                 trainer.callbacks = [c for c in trainer.callbacks

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDP
 from torch import nn
