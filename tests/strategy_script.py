@@ -1,6 +1,7 @@
 """Run by tests/test_strategies.py as 2 processes (RANK/WORLD_SIZE set by the test, so Lightning
-starts no others): the CLIP pair task fitted under ddp, then under FSDP (`cirlab_fsdp`), in the same
-processes (one start-up for both).
+starts no others): the CLIP pair task fitted under ddp, then under FSDP (`cirlab_fsdp`: sharded
+checkpoint folders; then `state_dict_type="full"`: one gathered file), in the same processes (one
+start-up for all).
 
 argv: pair shards, output folder. Writes <strategy>-rank<r>.json (that rank's losses, the selected
 checkpoint), and on rank 0 <strategy>-init.pt (the initial backbone) and <strategy>-full.pt: the
@@ -50,7 +51,8 @@ def fit(shards: str, out: Path, which: str) -> None:
                     scheduler=SchedulerConfig("constant"))
     dm = RetrievalDataModule(train=shards, kind="pair", batch_size=8, resampled=False, num_workers=0,
                              shuffle_buffer=0)
-    strategy = "cirlab_fsdp" if which == "fsdp" else "ddp"  # the name a recipe gives trainer.strategy
+    # "fsdp": the name a recipe gives trainer.strategy (sharded folders); "fsdp_full": one gathered file
+    strategy = {"fsdp": "cirlab_fsdp", "fsdp_full": FSDPStrategy(state_dict_type="full")}.get(which, "ddp")
     torch.save(task.backbone.merged_state_dict(), out / f"{which}-init.pt")
     rec = Losses()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, max_epochs=1,
@@ -65,5 +67,5 @@ def fit(shards: str, out: Path, which: str) -> None:
 
 
 if __name__ == "__main__":
-    for which in ("ddp", "fsdp"):
+    for which in ("ddp", "fsdp", "fsdp_full"):
         fit(sys.argv[1], Path(sys.argv[2]), which)

@@ -192,6 +192,9 @@ def test_requeue_mid_epoch_resumes_exactly(cluster, tiny_world, tmp_path):
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", (rec, _log(cluster, jobs))
     run_dir = runs / "clip" / f"slurm-{sub.job_id}"
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file(), sorted(p.name for p in run_dir.iterdir())
+    # the preemption checkpoint carries the job's global random states (restored by the requeued job)
+    rng = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["callbacks"]["SlurmRequeue"]["rng"]
+    assert len(rng) == 1 and rng[0]["torch"].dtype == torch.uint8 and len(rng[0]["python"]["internal"]) == 625
     out = _log(cluster, jobs, tail=10**6)
     assert "Restoring states from the checkpoint path" in out and f"{run_dir}/hpc_ckpt_1.ckpt" in out
     assert "restart 0" in out and "restart 1" in out  # one log file, appended by the requeued job

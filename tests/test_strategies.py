@@ -108,16 +108,18 @@ def _run_two_ranks(shards: Path, out: Path) -> None:
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(pair_shards, tmp_path):
     _run_two_ranks(pair_shards, tmp_path)
-    runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in ("ddp", "fsdp")}
+    names = ("ddp", "fsdp", "fsdp_full")
+    runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in names}
     # FSDP saved its checkpoint as a folder of per-rank parts (torch.distributed.checkpoint)
     best = Path(runs["fsdp"][0]["best"])
     assert best.is_dir() and (best / ".metadata").is_file() and len(list(best.glob("*.distcp"))) == 2
-    assert Path(runs["ddp"][0]["best"]).is_file()
+    assert Path(runs["ddp"][0]["best"]).is_file() and Path(runs["fsdp_full"][0]["best"]).is_file()
     # the same losses on each rank, step by step (3 steps of 2 x 4 samples)
-    for r in (0, 1):
-        assert len(runs["fsdp"][r]["losses"]) == 3
-        assert runs["fsdp"][r]["losses"] == pytest.approx(runs["ddp"][r]["losses"], abs=1e-5)
-    for which in ("ddp", "fsdp"):
+    for which in ("fsdp", "fsdp_full"):
+        for r in (0, 1):
+            assert len(runs[which][r]["losses"]) == 3
+            assert runs[which][r]["losses"] == pytest.approx(runs["ddp"][r]["losses"], abs=1e-5)
+    for which in names:
         exported = load_file(str(tmp_path / which / "version_0" / "export" / "backbone.safetensors"))
         # the reference: the weights as the strategy gathers them itself (FSDP FULL_STATE_DICT)
         full = torch.load(tmp_path / f"{which}-full.pt", weights_only=True)
