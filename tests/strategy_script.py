@@ -3,7 +3,9 @@ starts no others): the CLIP pair task fitted under ddp, then under FSDP (`cirlab
 checkpoint folders; then `state_dict_type="full"`: one gathered file), in the same processes (one
 start-up for all).
 
-argv: pair shards, output folder. Writes <strategy>-rank<r>.json (that rank's losses, the selected
+Last, FocalLens under FSDP (export checked against the gathered weights only).
+
+argv: synthetic world folder, output folder. Writes <strategy>-rank<r>.json (that rank's losses, the selected
 checkpoint), and on rank 0 <strategy>-init.pt (the initial backbone) and <strategy>-full.pt: the
 weights as the strategy itself gathers them after fit (torch FSDP's FULL_STATE_DICT, or the DDP
 module's state dict), the reference for the export.
@@ -43,16 +45,24 @@ def full_state_dict(trainer: L.Trainer) -> dict:
     return trainer.lightning_module.state_dict()
 
 
-def fit(shards: str, out: Path, which: str) -> None:
+def fit(world: Path, out: Path, which: str) -> None:
     torch.manual_seed(0)
     # weight decay with no decay on biases/norms: the parameter groups must not depend on sharding
-    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"),
-                    optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1, no_decay_on_bias_and_norm=True),
-                    scheduler=SchedulerConfig("constant"))
-    dm = RetrievalDataModule(train=shards, kind="pair", batch_size=8, resampled=False, num_workers=0,
+    opt = OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1, no_decay_on_bias_and_norm=True)
+    if which == "fsdp_focallens":  # reads the vision tower's pieces one by one (models/focallens.py)
+        from cirlab.train.focallens_task import FocalLensTask
+
+        task = FocalLensTask(backbone=BackboneConfig("cirlab-tiny", freeze_text=True), optimizer=opt,
+                             scheduler=SchedulerConfig("constant"))
+        shards, kind = world / "instructions", "instruction"
+    else:
+        task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), optimizer=opt, scheduler=SchedulerConfig("constant"))
+        shards, kind = world / "pairs", "pair"
+    dm = RetrievalDataModule(train=str(shards), kind=kind, batch_size=8, resampled=False, num_workers=0,
                              shuffle_buffer=0)
     # "fsdp": the name a recipe gives trainer.strategy (sharded folders); "fsdp_full": one gathered file
-    strategy = {"fsdp": "cirlab_fsdp", "fsdp_full": FSDPStrategy(state_dict_type="full")}.get(which, "ddp")
+    strategy = {"fsdp": "cirlab_fsdp", "fsdp_full": FSDPStrategy(state_dict_type="full"),
+                "fsdp_focallens": "cirlab_fsdp"}.get(which, "ddp")
     torch.save(task.backbone.merged_state_dict(), out / f"{which}-init.pt")
     rec = Losses()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, max_epochs=1,
@@ -67,5 +77,5 @@ def fit(shards: str, out: Path, which: str) -> None:
 
 
 if __name__ == "__main__":
-    for which in ("ddp", "fsdp", "fsdp_full"):
-        fit(sys.argv[1], Path(sys.argv[2]), which)
+    for which in ("ddp", "fsdp", "fsdp_full", "fsdp_focallens"):
+        fit(Path(sys.argv[1]), Path(sys.argv[2]), which)

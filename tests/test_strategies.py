@@ -73,13 +73,13 @@ def test_fsdp_refuses_validation_with_the_fix():
 
 
 @pytest.fixture(scope="module")
-def pair_shards(tmp_path_factory):
+def tiny_world(tmp_path_factory):
     from cirlab.data.synthetic import build_world
 
     root = tmp_path_factory.mktemp("strategyworld") / "world"
     build_world(root, seed=0, n_train_scenes=32, n_eval_queries=8, renders_per_scene=1, shard_size=8,
                 n_triplets=4, n_texts=4, instructions_per_scene=1)
-    return root / "pairs"
+    return root
 
 
 def _free_port() -> int:
@@ -90,7 +90,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(shards: Path, out: Path) -> None:
+def _run_two_ranks(world: Path, out: Path) -> None:
     """Both ranks started here (as torchrun would): Lightning then launches none, and one start-up
     serves the ddp and the FSDP fit."""
     port = str(_free_port())
@@ -98,7 +98,7 @@ def _run_two_ranks(shards: Path, out: Path) -> None:
     for rank in (0, 1):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parent), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK="0", RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(shards), str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(world), str(out)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errs):
@@ -106,8 +106,8 @@ def _run_two_ranks(shards: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(pair_shards, tmp_path):
-    _run_two_ranks(pair_shards, tmp_path)
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(tiny_world, tmp_path):
+    _run_two_ranks(tiny_world, tmp_path)
     names = ("ddp", "fsdp", "fsdp_full")
     runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in names}
     # FSDP saved its checkpoint as a folder of per-rank parts (torch.distributed.checkpoint)
@@ -133,6 +133,18 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(
     b = load_file(str(tmp_path / "ddp" / "version_0" / "export" / "backbone.safetensors"))
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, f"FSDP and DDP weights differ by {worst}"
+    # FocalLens (the vision tower's pieces called one by one) under FSDP: both exports as gathered
+    full = torch.load(tmp_path / "fsdp_focallens-full.pt", weights_only=True)
+    export = tmp_path / "fsdp_focallens" / "version_0" / "export"
+    for name, prefix in (("backbone", "backbone.model."), ("focallens", "focallens.")):
+        got = load_file(str(export / f"{name}.safetensors"))
+        ref = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
+        assert got.keys() == ref.keys(), name
+        assert max((v - ref[k].reshape(v.shape)).abs().max().item() for k, v in got.items()) <= 1e-6, name
+    from cirlab.data.shards import read_index
+
+    focal = json.loads((tmp_path / "fsdp_focallens-rank1.json").read_text())["losses"]
+    assert len(focal) == min(3, read_index(tiny_world / "instructions").total // 16) >= 2, focal  # 2 x 8 a step
     # training moved the weights (an export of the initial weights would match nothing above by chance)
     init = torch.load(tmp_path / "fsdp-init.pt", weights_only=True)
     assert max((a[k] - init[k].reshape(a[k].shape)).abs().max().item() for k in a) > 1e-4

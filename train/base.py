@@ -79,6 +79,9 @@ class BaseTask(L.LightningModule):
     backbone_eval_mode: bool = False
     #: whether the image tower is built (text-only training such as LinCIR's skips it)
     needs_image_tower: bool = True
+    #: submodules whose blocks the method calls piece by piece, not through their forward: sharded
+    #: strategies keep them whole during a step (train/strategies.py)
+    piecewise_modules: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -33,6 +33,9 @@ class FocalLensTask(ConditionalEmbeddingTask):
     it stays nearly shut for hundreds of steps (and the projection, whose gradient goes through it, learns nothing).
     """
 
+    # the conditioned path calls the ViT's blocks piece by piece (models/focallens.py, _split_block)
+    piecewise_modules = ("backbone.model.visual",)
+
     def __init__(self, learnable_temperature: bool = True, init_logit_scale: Optional[float] = None,
                  adapter_lr_scale: float = 1.0, eval_sets: Optional[list[str]] = None, eval_every_n_epochs: int = 1,
                  backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,

@@ -12,8 +12,9 @@ One recipe key selects the strategy: `trainer.strategy` (docs/recipes.md, "Strat
 What the tasks need under FSDP is done here, before the model is wrapped (`prepare_for_strategy`,
 called from BaseTask.configure_model): scalar parameters (open_clip's `logit_scale`) become 1-element
 vectors (FSDP refuses 0-d parameters), every parameter's rank is recorded (FSDP's flat views are 1-D,
-which would move every weight matrix into the no-decay group), and plain `fsdp` gets the per-block
-wrap policy when the recipe gives none.
+which would move every weight matrix into the no-decay group), and FSDP gets the per-block wrap
+policy when the recipe gives none, leaving whole the towers a task calls piece by piece
+(`BaseTask.piecewise_modules`: FocalLens's vision tower).
 
 Export: a sharded run's weights exist only as shards on the ranks, so at fit end the checkpoint (the
 selected one, or one written now) is consolidated on rank 0 into the plain state dict and loaded into
@@ -75,30 +76,46 @@ def _vectorize_scalar_parameters(module: nn.Module) -> list[str]:
     return changed
 
 
+def _piecewise(task: nn.Module) -> list[nn.Module]:
+    """The submodules the task names in `piecewise_modules` (see BaseTask)."""
+    return [task.get_submodule(name) for name in getattr(task, "piecewise_modules", ())]
+
+
+def block_wrap_policy(task: nn.Module) -> Any:
+    """FSDP's wrap policy: one unit per open_clip block, except blocks inside the task's piecewise
+    modules (their pieces are called outside the block's forward, where a unit holds only its shard):
+    those stay in the enclosing unit, whole during the step."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    blocks = tuple(open_clip_blocks())
+    inside = {id(m) for root in _piecewise(task) for m in root.modules()}
+    return CustomPolicy(lambda module: isinstance(module, blocks) and id(module) not in inside)
+
+
 def prepare_for_strategy(task: nn.Module, strategy: Any) -> None:
     """Called before the strategy wraps `task` (BaseTask.configure_model); see the module docstring."""
     if is_fsdp(strategy):
         if not getattr(task, "_scalars_vectorized", None):
             task._scalars_vectorized = _vectorize_scalar_parameters(task)
-        if "auto_wrap_policy" not in strategy.kwargs:
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(open_clip_blocks())
+        if strategy.kwargs.get("auto_wrap_policy") is None:  # the recipe gave none: per block
+            strategy.kwargs["auto_wrap_policy"] = block_wrap_policy(task)
     # recorded before wrapping: FSDP's use_orig_params views are flat 1-D shards
     task._param_ndims = {clean_name(n): p.dim() for n, p in task.named_parameters()}
 
 
-def loose_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters that their owner's code reads outside that owner's forward: the direct parameters of
-    non-leaf modules (open_clip's `positional_embedding`, `text_projection`, `proj`, `class_embedding`,
-    `logit_scale`; Backbone and FocalLens call the towers' pieces one by one). MultiheadAttention
-    reads its own in its forward."""
-    found = []
-    for mod in module.modules():
+def loose_parameters(task: nn.Module) -> list[nn.Parameter]:
+    """Parameters read outside their owner's forward: the direct parameters of non-leaf modules
+    (open_clip's `positional_embedding`, `text_projection`, `proj`, `class_embedding`, `logit_scale`;
+    Backbone calls the towers' pieces one by one; MultiheadAttention reads its own in its forward),
+    and every parameter of the task's piecewise modules (see BaseTask)."""
+    found: dict[int, nn.Parameter] = {}
+    for mod in task.modules():
         if isinstance(mod, nn.MultiheadAttention) or not any(True for _ in mod.children()):
             continue
-        found += [p for p in mod.parameters(recurse=False)]
-    return found
+        found.update((id(p), p) for p in mod.parameters(recurse=False))
+    for root in _piecewise(task):
+        found.update((id(p), p) for p in root.parameters())
+    return list(found.values())
 
 
 class ShardedStrategySupport(pl.Callback):
@@ -127,8 +144,7 @@ class FSDPStrategy(_LightningFSDP):
 
     def __init__(self, *args: Any, auto_wrap_policy: Optional[Any] = None, state_dict_type: str = "sharded",
                  **kwargs: Any) -> None:
-        if auto_wrap_policy is None:
-            auto_wrap_policy = open_clip_blocks()
+        # no policy: the task's per-block policy, set before wrapping (prepare_for_strategy)
         super().__init__(*args, auto_wrap_policy=auto_wrap_policy, state_dict_type=state_dict_type, **kwargs)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
