@@ -164,7 +164,8 @@ def _part(full: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]
 @pytest.mark.skipif(not CUDA, reason="sharded strategies are tested on CUDA here; FSDP on CPU in test_strategies.py")
 @pytest.mark.parametrize("strategy, kind", [
     ("deepspeed_stage_2", "clip"), ("deepspeed_stage_3", "clip"), ("deepspeed_stage_3", "combiner"),
-    ("deepspeed_stage_2", "focallens"), ("fsdp", "clip"), ("cirlab_fsdp", "combiner"), ("cirlab_fsdp", "focallens"),
+    ("deepspeed_stage_2", "focallens"), ("deepspeed_stage_3", "focallens"), ("fsdp", "clip"),
+    ("cirlab_fsdp", "combiner"), ("cirlab_fsdp", "focallens"),
 ])
 def test_sharded_strategy_fit_exports_the_gathered_weights(strategy, kind, small_world, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
