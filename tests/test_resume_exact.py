@@ -226,3 +226,26 @@ def test_cirlab_fit_ckpt_path_continues_the_wandb_run(tmp_path, monkeypatch):
     (id_a, steps_a), (id_b, steps_b) = (_wandb_run(f) for f in files)
     assert first_id == second_id == id_a == id_b
     assert steps_a == [0, 1] and steps_b == [2, 3], (steps_a, steps_b)
+
+
+def test_only_a_wandb_logger_without_an_id_takes_the_checkpoints(tmp_path):
+    from jsonargparse import Namespace
+
+    from cirlab.train.resume import continue_wandb_run
+
+    ckpt = tmp_path / "a.ckpt"
+    torch.save({"state_dict": {}, "cirlab_wandb_id": "abc123"}, ckpt)
+
+    def trainer(cls: str, **init_args) -> Namespace:
+        return Namespace(logger=Namespace(class_path=cls, init_args=Namespace(id=None, version=None, **init_args)))
+
+    free = trainer("lightning.pytorch.loggers.WandbLogger")
+    assert continue_wandb_run(free, str(ckpt)) == "abc123" and free.logger.init_args.id == "abc123"
+    named = trainer("lightning.pytorch.loggers.WandbLogger")
+    named.logger.init_args.id = "slurm-7"  # a SLURM job names its run: kept
+    assert continue_wandb_run(named, str(ckpt)) is None and named.logger.init_args.id == "slurm-7"
+    csv = trainer("lightning.pytorch.loggers.CSVLogger")
+    assert continue_wandb_run(csv, str(ckpt)) is None and csv.logger.init_args.id is None
+    assert continue_wandb_run(trainer("lightning.pytorch.loggers.WandbLogger"), "last") is None
+    torch.save({"state_dict": {}}, tmp_path / "old.ckpt")  # written before ids were recorded
+    assert continue_wandb_run(trainer("lightning.pytorch.loggers.WandbLogger"), str(tmp_path / "old.ckpt")) is None
