@@ -249,3 +249,19 @@ def test_only_a_wandb_logger_without_an_id_takes_the_checkpoints(tmp_path):
     assert continue_wandb_run(trainer("lightning.pytorch.loggers.WandbLogger"), "last") is None
     torch.save({"state_dict": {}}, tmp_path / "old.ckpt")  # written before ids were recorded
     assert continue_wandb_run(trainer("lightning.pytorch.loggers.WandbLogger"), str(tmp_path / "old.ckpt")) is None
+
+
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from cirlab.train.rng_state import collect_rng_states, restore_rng_states
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    torch.save({"rng": collect_rng_states()}, tmp_path / "s.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng_states(torch.load(tmp_path / "s.ckpt", weights_only=True)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

@@ -37,4 +37,6 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     p = states["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # a requeue may see another number of devices: the ones both have
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
