@@ -32,3 +32,20 @@ def test_set_and_untrained_model_equals_baseline(tmp_path):
     cset = task.conditional_set(str(tmp_path / "cond"))
     task.eval()  # as evaluate_conditional_sets runs it
     assert evaluate_conditional(UnconditionalBaseline(task.backbone), cset, progress=False) == base
+
+
+def test_evaluator_component_is_made_in_configure_metrics_and_reads_each_set_once(tmp_path):
+    from cirlab.train.conditional_eval import ConditionalEvaluator
+
+    write_conditional_set(tmp_path / "cond", n_gallery=20, n_queries=6, seed=3)
+    torch.manual_seed(0)
+    task = FocalLensTask(eval_sets=[str(tmp_path / "cond")], backbone=BackboneConfig("cirlab-tiny", freeze_text=True))
+    task.configure_metrics("fit")
+    ev = task.conditional_evaluator()
+    assert isinstance(ev, ConditionalEvaluator) and ev.paths == [str(tmp_path / "cond")]
+    cset = task.conditional_set(str(tmp_path / "cond"))
+    assert task.conditional_set(str(tmp_path / "cond")) is cset  # read once, kept
+    base = ev.evaluate(UnconditionalBaseline(task.backbone), progress=False)["synthetic-conditional"]
+    task.eval()
+    assert base == evaluate_conditional(UnconditionalBaseline(task.backbone), cset, progress=False)
+    assert len(cset.gallery_ids) == 20 and len(cset.queries) <= 6

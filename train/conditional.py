@@ -2,8 +2,9 @@
 
 A method in this family says how it encodes an image under an instruction (`encode_instruction`
 once per distinct instruction, then `conditional_features` for a batch of images) and how it encodes
-answer texts (`text_features`); the family evaluates on conditional retrieval sets
-(train/conditional_eval.py) at the end of every `eval_every_n_epochs`-th training epoch, logging
+answer texts (`text_features`); the family evaluates on conditional retrieval sets through the
+conditional evaluation component (train/conditional_eval.py `ConditionalEvaluator`, made in
+`configure_metrics`) at the end of every `eval_every_n_epochs`-th training epoch, logging
 ``val/<set>/<metric>``, and offers the unconditional CLIP baseline on the same sets.
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from cirlab.train.base import BaseTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
-from cirlab.train.conditional_eval import ConditionalSet, UnconditionalBaseline, evaluate_conditional, load_conditional_set
+from cirlab.train.conditional_eval import ConditionalEvaluator, ConditionalSet
 
 
 class ConditionalEmbeddingTask(BaseTask):
@@ -29,7 +30,7 @@ class ConditionalEmbeddingTask(BaseTask):
             raise ValueError(f"eval_every_n_epochs must be >= 1, got {eval_every_n_epochs}")
         self.eval_sets = list(eval_sets or [])
         self.eval_every_n_epochs = eval_every_n_epochs
-        self._loaded_sets: dict[str, ConditionalSet] = {}
+        self._conditional_evaluator: Optional[ConditionalEvaluator] = None
         super().__init__(backbone, optimizer, scheduler, evaluation)
 
     # ----------------------------------------------------------------- the method's encoders
@@ -46,31 +47,31 @@ class ConditionalEmbeddingTask(BaseTask):
         return self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device))
 
     # ----------------------------------------------------------------- evaluation
+    def configure_metrics(self, stage: str) -> None:
+        """The conditional evaluation component over `eval_sets` (kept across stages: sets read once)."""
+        self.conditional_evaluator()
+
+    def conditional_evaluator(self) -> ConditionalEvaluator:
+        """The component (made on first use outside a Trainer too: evaluation of a loaded model)."""
+        if getattr(self, "_conditional_evaluator", None) is None:
+            self._conditional_evaluator = ConditionalEvaluator(self.eval_sets, self.image_transform(train=False),
+                                                               self.eval_cfg.batch_size)
+        return self._conditional_evaluator
+
     def conditional_set(self, path: str) -> ConditionalSet:
         """The set at `path` in memory, with this model's evaluation transform (read once)."""
-        key = str(Path(path).resolve())
-        if key not in self._loaded_sets:
-            self._loaded_sets[key] = load_conditional_set(path, self.image_transform(train=False),
-                                                          self.eval_cfg.batch_size)
-        return self._loaded_sets[key]
+        return self.conditional_evaluator().conditional_set(path)
 
     def evaluate_conditional_sets(self, paths: Optional[list[str]] = None, baseline: bool = False
                                   ) -> dict[str, dict[str, float]]:
         """{set name: metrics} for this model (and with baseline=True, '<name>/baseline' for plain CLIP)."""
         was_training = self.training
         self.eval()
-        results: dict[str, dict[str, float]] = {}
         try:
-            for i, path in enumerate(paths if paths is not None else self.eval_sets):
-                cset = self.conditional_set(path)
-                name = cset.name if cset.name not in results else f"{cset.name}-{i}"
-                results[name] = evaluate_conditional(self, cset, self.eval_cfg.batch_size, self.device)
-                if baseline:
-                    results[f"{name}/baseline"] = evaluate_conditional(
-                        UnconditionalBaseline(self.backbone), cset, self.eval_cfg.batch_size, self.device)
+            return self.conditional_evaluator().evaluate(self, self.device, self.backbone if baseline else None,
+                                                         paths)
         finally:
             self.train(was_training)
-        return results
 
     def on_train_epoch_end(self) -> None:
         if not self.eval_sets or (self.current_epoch + 1) % self.eval_every_n_epochs:

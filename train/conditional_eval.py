@@ -143,3 +143,36 @@ class UnconditionalBaseline:
     def text_features(self, texts: list[str]) -> torch.Tensor:
         device = next(self.backbone.parameters()).device
         return self.backbone.encode_text(self.backbone.tokenize(texts).to(device))
+
+
+class ConditionalEvaluator:
+    """The conditional protocol family's evaluation component, the sibling of train/evaluation.py's
+    RetrievalEvaluator: made by a task's `configure_metrics` from its set folders, it reads each set
+    once (with the task's evaluation transform) and scores any `ConditionalEncoder` on all of them,
+    and the unconditional baseline of a backbone on the same sets."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable, batch_size: int = 256) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.batch_size = batch_size
+        self._sets: dict[str, ConditionalSet] = {}
+
+    def conditional_set(self, path: str | Path) -> ConditionalSet:
+        """The set at `path` in memory (read on first use, then kept)."""
+        key = str(Path(path).resolve())
+        if key not in self._sets:
+            self._sets[key] = load_conditional_set(path, self.transform, self.batch_size)
+        return self._sets[key]
+
+    def evaluate(self, encoder: ConditionalEncoder, device: torch.device | str = "cpu", baseline: Any = None,
+                 paths: Sequence[str | Path] | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
+        """{set name: metrics}; with a `baseline` backbone also '<name>/baseline' (its plain features)."""
+        results: dict[str, dict[str, float]] = {}
+        for i, path in enumerate(self.paths if paths is None else paths):
+            cset = self.conditional_set(path)
+            name = cset.name if cset.name not in results else f"{cset.name}-{i}"
+            results[name] = evaluate_conditional(encoder, cset, self.batch_size, device, progress)
+            if baseline is not None:
+                results[f"{name}/baseline"] = evaluate_conditional(UnconditionalBaseline(baseline), cset,
+                                                                   self.batch_size, device, progress)
+        return results
