@@ -3,7 +3,9 @@ starts no others): the CLIP pair task fitted under ddp, then under FSDP (`cirlab
 checkpoint folders; then `state_dict_type="full"`: one gathered file), in the same processes (one
 start-up for all).
 
-Last, FocalLens under FSDP (export checked against the gathered weights only).
+Then FocalLens under FSDP (export checked against the gathered weights only), and the SLURM
+requeue's path under FSDP without a SLURM (`requeue_under_fsdp`: the preemption checkpoint is a
+sharded folder, the resume from "hpc" continues exactly).
 
 argv: synthetic world folder, output folder. Writes <strategy>-rank<r>.json (that rank's losses, the selected
 checkpoint), and on rank 0 <strategy>-init.pt (the initial backbone) and <strategy>-full.pt: the
@@ -12,6 +14,8 @@ module's state dict), the reference for the export.
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from cirlab.data.retrieval import RetrievalDataModule
 from cirlab.train.clip_task import CLIPTask
 from cirlab.train.config import BackboneConfig, OptimizerConfig, SchedulerConfig
+from cirlab.train.slurm import SlurmRequeue
 from cirlab.train.strategies import FSDPStrategy
 
 
@@ -76,6 +81,61 @@ def fit(world: Path, out: Path, which: str) -> None:
         torch.save({k: v.detach().cpu() for k, v in full.items()}, out / f"{which}-full.pt")
 
 
+class StepLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class SignalAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class StopAfterCheckpoint(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if list(Path(trainer.default_root_dir).glob("hpc_ckpt_*")):
+            trainer.should_stop = True
+
+
+def fit_requeue(world: Path, root: Path, name: str, callbacks: list, ckpt_path=None) -> StepLosses:
+    torch.manual_seed(0)
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), optimizer=OptimizerConfig("adamw", lr=1e-3),
+                    scheduler=SchedulerConfig("constant"))
+    dm = RetrievalDataModule(train=str(world / "pairs"), kind="pair", batch_size=8, resampled=False,
+                             num_workers=0)
+    rec = StepLosses()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="cirlab_fsdp", max_epochs=2,
+                        logger=CSVLogger(root, name=name, version=0), default_root_dir=str(root / name),
+                        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[SlurmRequeue(requeue=False), rec, *callbacks])
+    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    return rec
+
+
+def requeue_under_fsdp(world: Path, out: Path) -> None:
+    """Uninterrupted; signalled at step 2 (rank 0 only: the ranks agree by all-reduce) and stopped after
+    the preemption checkpoint; resumed from "hpc". Rank 0 writes requeue.json."""
+    out = out / "requeue"
+    os.environ["SLURM_JOB_ID"] = "77"  # SlurmRequeue acts inside a SLURM job only
+    reference = fit_requeue(world, out, "reference", [])
+    preempted = fit_requeue(world, out, "job", [SignalAt(1), StopAfterCheckpoint()])
+    (ckpt,) = (out / "job").glob("hpc_ckpt_*")
+    resumed = fit_requeue(world, out, "job", [], ckpt_path="hpc")
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "requeue.json").write_text(json.dumps({
+            "reference": reference.losses, "preempted": preempted.losses, "resumed": resumed.losses,
+            "folder": ckpt.is_dir(), "parts": len(list(ckpt.glob("*.distcp")))}))
+
+
 if __name__ == "__main__":
     for which in ("ddp", "fsdp", "fsdp_full", "fsdp_focallens"):
         fit(Path(sys.argv[1]), Path(sys.argv[2]), which)
+    requeue_under_fsdp(Path(sys.argv[1]), Path(sys.argv[2]))

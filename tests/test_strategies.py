@@ -105,9 +105,17 @@ def _run_two_ranks(world: Path, out: Path) -> None:
         assert p.returncode == 0, err[-3000:]
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tiny_world, tmp_path_factory):
+    """Every 2-process fit of tests/strategy_script.py, run once for the tests below (one start-up)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    _run_two_ranks(tiny_world, out)
+    return out
+
+
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(tiny_world, tmp_path):
-    _run_two_ranks(tiny_world, tmp_path)
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(two_ranks, tiny_world):
+    tmp_path = two_ranks
     names = ("ddp", "fsdp", "fsdp_full")
     runs = {w: [json.loads((tmp_path / f"{w}-rank{r}.json").read_text()) for r in (0, 1)] for w in names}
     # FSDP saved its checkpoint as a folder of per-rank parts (torch.distributed.checkpoint)
@@ -148,3 +156,20 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_exports_the_gathered_weights(
     # training moved the weights (an export of the initial weights would match nothing above by chance)
     init = torch.load(tmp_path / "fsdp-init.pt", weights_only=True)
     assert max((a[k] - init[k].reshape(a[k].shape)).abs().max().item() for k in a) > 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_preemption_checkpoint_is_a_sharded_folder_and_resumes_exactly(two_ranks):
+    """The SLURM requeue's path (SlurmRequeue, Lightning's "hpc" resume) under FSDP, without a SLURM."""
+    out = two_ranks / "requeue"
+    result = json.loads((out / "requeue.json").read_text())
+    assert result["folder"] and result["parts"] == 2  # one part per rank, nothing gathered on rank 0
+    reference = {int(k): v for k, v in result["reference"].items()}
+    preempted = {int(k): v for k, v in result["preempted"].items()}
+    resumed = {int(k): v for k, v in result["resumed"].items()}
+    # the signal came during step 2 (global step 1): checkpoint after it, the resume runs the rest
+    assert sorted(preempted) == [1, 2] and sorted(resumed) == list(range(3, max(reference) + 1))
+    assert {**preempted, **resumed} == pytest.approx(reference, abs=1e-6)
+    a = load_file(str(out / "job" / "version_0" / "export" / "backbone.safetensors"))
+    b = load_file(str(out / "reference" / "version_0" / "export" / "backbone.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

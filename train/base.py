@@ -26,6 +26,7 @@ from cirlab.errors import CirlabError
 from cirlab.models.backbone import Backbone
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
 from cirlab.train.optim import build_optimizer, lr_lambda
+from cirlab.train import strategies as _strategies  # noqa: F401  registers `strategy="cirlab_fsdp"` with Lightning
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,9 @@ def _drop_visual_if_absent(task: Any, sd: dict[str, Any]) -> None:
 
 def load_task_state(task: Any, checkpoint: dict[str, Any]) -> None:
     """on_load_checkpoint: put back a left-out backbone after checking it is the one trained with."""
-    sd = checkpoint["state_dict"]
+    sd = checkpoint.get("state_dict")
+    if sd is None:  # a sharded strategy (FSDP folder) loaded the weights into the wrapped model itself
+        return
     record = checkpoint.get("cirlab_backbone")
     if record is not None and not record.get("embedded"):
         want = record.get("fingerprint")
