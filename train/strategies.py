@@ -147,11 +147,16 @@ class FSDPStrategy(_LightningFSDP):
         # no policy: the task's per-block policy, set before wrapping (prepare_for_strategy)
         super().__init__(*args, auto_wrap_policy=auto_wrap_policy, state_dict_type=state_dict_type, **kwargs)
 
+    # Why a subclass runs on CPU (Lightning 2.6, torch 2.14): Lightning refuses only the string `fsdp`
+    # and its exact class ("ValueError: The strategy `fsdp` requires a GPU accelerator, but received
+    # `accelerator='cpu'`"); torch's FSDP, given Lightning's device index (None on CPU), says
+    # "RuntimeError: FSDP needs a non-CPU accelerator device, but no accelerator device is detected",
+    # and accepts CPU with device_id=cpu. (0-d parameters: "ValueError: FSDP doesn't support scalar
+    # parameters", hence prepare_for_strategy.)
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
-        # torch's FSDP accepts CPU only when told device_id=cpu; Lightning passes the device index
-        # (None on CPU): wrap here, Lightning then keeps the wrapped model as it is
+        # wrap here with device_id=cpu; Lightning then keeps the wrapped model as it is
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         kwargs = dict(self.kwargs)
