@@ -65,11 +65,20 @@ def test_scalar_parameters_become_vectors_for_fsdp_and_load_back_as_scalars(tmp_
         load_consolidated(fresh, {"state_dict": {**task.state_dict(), "extra.weight": torch.zeros(1)}})
 
 
-def test_fsdp_refuses_validation_with_the_fix():
-    from cirlab.train.strategies import FSDPStrategy
+def test_evaluation_under_fsdp_is_refused_with_the_fix():
+    from types import SimpleNamespace
 
-    with pytest.raises(CirlabError, match="limit_val_batches"):
-        FSDPStrategy().on_validation_start()
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+
+    from cirlab.train.strategies import FSDPStrategy, ShardedStrategySupport
+
+    cb = ShardedStrategySupport()
+    for strategy in (FSDPStrategy(), LightningFSDP()):
+        with pytest.raises(CirlabError, match="limit_val_batches"):
+            cb.on_validation_start(SimpleNamespace(strategy=strategy), None)
+        with pytest.raises(CirlabError, match="FSDPStrategy"):
+            cb.on_test_start(SimpleNamespace(strategy=strategy), None)
+    cb.on_validation_start(SimpleNamespace(strategy=object()), None)  # ddp and others: nothing to refuse
 
 
 @pytest.fixture(scope="module")

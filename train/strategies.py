@@ -118,10 +118,27 @@ def loose_parameters(task: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+def _refuse_evaluation(strategy: Any, stage: str) -> None:
+    """Evaluation encodes outside the module's forward (epoch-end hooks, query encoding), where FSDP and
+    ZeRO-3 hold only each rank's shard of the weights: a clear error instead of a shape error."""
+    if is_fsdp(strategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+        raise CirlabError(f"{stage} under {type(strategy).__name__} is not supported: the evaluation encodes "
+                          "outside the module's forward, where each rank holds only a shard of the weights",
+                          "set trainer.limit_val_batches: 0 and num_sanity_val_steps: 0 for this fit, then "
+                          "`cirlab evaluate` its export/, or use ddp / deepspeed_stage_2")
+
+
 class ShardedStrategySupport(pl.Callback):
     """Added to every task (BaseTask.configure_callbacks). Under DeepSpeed ZeRO-3 each module gathers
     its own parameters around its forward only: the loose parameters (see `loose_parameters`) are
-    registered with the engine's outer module, whose forward encloses every training/validation step."""
+    registered with the engine's outer module, whose forward encloses every training step. Under
+    FSDP and ZeRO-3, validation and test are refused with the fix (`_refuse_evaluation`)."""
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        _refuse_evaluation(trainer.strategy, "validation")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        _refuse_evaluation(trainer.strategy, "test")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         strategy = trainer.strategy
@@ -137,10 +154,7 @@ class ShardedStrategySupport(pl.Callback):
 class FSDPStrategy(_LightningFSDP):
     """Lightning's FSDPStrategy with cirlab's defaults: each open_clip block its own FSDP unit,
     sharded checkpoints (one folder, a part per rank), and CPU processes allowed (gloo).
-
-    Validation during fit is refused with a clear error: the evaluation encodes queries outside the
-    module's forward, where FSDP holds only each rank's flat shard of the root parameters.
-    """
+    Evaluation under it is refused with the fix (ShardedStrategySupport)."""
 
     def __init__(self, *args: Any, auto_wrap_policy: Optional[Any] = None, state_dict_type: str = "sharded",
                  **kwargs: Any) -> None:
@@ -171,17 +185,6 @@ class FSDPStrategy(_LightningFSDP):
             if policy is not None:
                 self.kwargs["auto_wrap_policy"] = policy
 
-    def on_validation_start(self) -> None:
-        self._refuse_evaluation("validation")
-
-    def on_test_start(self) -> None:
-        self._refuse_evaluation("test")
-
-    def _refuse_evaluation(self, stage: str) -> None:
-        raise CirlabError(f"{stage} under FSDP is not supported: the evaluation encodes outside the module's "
-                          "forward, where each rank holds only a shard of the weights",
-                          "set trainer.limit_val_batches: 0 (and num_sanity_val_steps: 0) for the FSDP fit, then "
-                          "evaluate its export/ with `cirlab evaluate`, or use ddp / deepspeed_stage_2")
 
 
 def _register() -> None:
