@@ -160,6 +160,32 @@ def training_caption(scene: Sequence[Obj], rng: random.Random) -> str:
     return " and ".join(_fact(o, scene, rng) for o in some)
 
 
+# Frames of the difference captions (see ``difference_caption``): "{ref}" describes another scene,
+# "{edit}" the change that turns it into the pictured one.
+DIFFERENCE_FRAMES: tuple[str, ...] = (
+    "a photo of {ref} that {edit}", "a photo of {ref} , {edit}", "{ref} , but {edit}", "{ref} after the edit : {edit}",
+)
+
+
+def scene_description(scene: Sequence[Obj], rng: random.Random) -> str:
+    """A frameless description: every object fully (60%) or some objects with some attributes."""
+    objs = list(scene)
+    rng.shuffle(objs)
+    if rng.random() < 0.6:
+        return _join([_mention(o, rng, full=True) for o in objs])
+    return _join([_mention(o, rng) for o in objs[: rng.randint(1, len(objs))]])
+
+
+def difference_caption(ref: Sequence[Obj], edit_text: str, rng: random.Random) -> str:
+    """A caption of an edited scene told as its difference from another: 'a red circle , but make it ...'.
+
+    Web captions describe pictures relative to others ("the same room, but painted blue"); a
+    pre-training corpus with such captions is what lets a CLIP text tower compose a description
+    with a change, the ability zero-shot composed retrieval (LinCIR, Pic2Word, SEARLE) relies on.
+    """
+    return rng.choice(DIFFERENCE_FRAMES).format(ref=scene_description(ref, rng), edit=edit_text)
+
+
 def referring(o: Obj, scene: Sequence[Obj], rng: random.Random) -> str:
     """An unambiguous name: the shape alone when it is unique in the scene (half the time), else colour+shape."""
     unique_shape = sum(x.shape == o.shape for x in scene) == 1
@@ -419,16 +445,32 @@ def _prepare_out(out: Path) -> None:
 
 
 def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
-                 n_triplets: int, n_texts: int, instructions_per_scene: int, shard_size: int) -> dict[str, int]:
+                 n_triplets: int, n_texts: int, instructions_per_scene: int, shard_size: int,
+                 n_difference_pairs: int = 0) -> dict[str, int]:
     rng, nrng = _py_rng(seed, 1), _np_rng(seed, 1)
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
     ids = [f"train-s{i:06d}" for i in range(n_scenes)]
     first = [_jpeg(render(s, nrng, image_size)) for s in scenes]   # rendering r0 of every scene
     caps = [training_caption(s, rng) for s in scenes]
 
-    pairs = ({"id": f"{sid}-r0", "image": img, "text": cap, "scene": sid}
-             for sid, img, cap in zip(ids, first, caps))
-    counts = {"pairs": write_shards(pairs, out / "pairs", "pair", shard_size).total}
+    # scene_caption: the full caption of what the image shows (the text may say less, or a difference)
+    pairs = ({"id": f"{sid}-r0", "image": img, "text": cap, "scene": sid, "scene_caption": caption(s)}
+             for sid, s, img, cap in zip(ids, scenes, first, caps))
+    drng, dnrng = _py_rng(seed, 6), _np_rng(seed, 6)
+
+    def difference_pairs() -> Iterator[dict[str, Any]]:
+        # Edits drawn from the seen combinations only: no held-out combination is ever pictured or said.
+        for i in range(n_difference_pairs):
+            ref = scenes[i % n_scenes]
+            change, tgt, text = random_edit(ref, drng, seen)
+            sid = f"train-d{i:06d}"
+            yield {"id": f"{sid}-r0", "image": _jpeg(render(tgt, dnrng, image_size)),
+                   "text": difference_caption(ref, text, drng), "scene": sid, "scene_caption": caption(tgt)}
+
+    def all_pairs() -> Iterator[dict[str, Any]]:
+        yield from pairs
+        yield from difference_pairs()
+    counts = {"pairs": write_shards(all_pairs(), out / "pairs", "pair", shard_size).total}
     # Held-in validation pairs (new scenes, seen combinations) to watch CLIP pre-training.
     vrng, vnrng = _py_rng(seed, 5), _np_rng(seed, 5)
 
@@ -549,6 +591,7 @@ def _build_eval(out: Path, split: str, stream: int, seed: int, image_size: int, 
 
 def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64, n_train_scenes: int = 4000,
                 n_triplets: int | None = None, n_texts: int | None = None, n_eval_queries: int = 400,
+                n_difference_pairs: int | None = None,
                 renders_per_scene: int = 3, n_distractor_scenes: int | None = None,
                 held_out: Sequence[tuple[str, str]] = HELD_OUT, held_out_fraction: float = 0.5,
                 instructions_per_scene: int = 2, shard_size: int = 1000) -> WorldManifest:
@@ -567,16 +610,18 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     seen = [c for c in ALL_COMBOS if c not in held]
     n_triplets = 2 * n_train_scenes if n_triplets is None else n_triplets
     n_texts = 5 * n_train_scenes if n_texts is None else n_texts
+    n_difference_pairs = n_train_scenes if n_difference_pairs is None else n_difference_pairs
     n_distractors = n_eval_queries // 2 if n_distractor_scenes is None else n_distractor_scenes
     out = Path(out_dir)
     _prepare_out(out)
 
     counts = _build_train(out, seed, image_size, seen, n_train_scenes, n_triplets, n_texts,
-                          instructions_per_scene, shard_size)
+                          instructions_per_scene, shard_size, n_difference_pairs)
     for split, stream in (("val", 10), ("test", 11)):
         counts.update(_build_eval(out, split, stream, seed, image_size, n_eval_queries, renders_per_scene,
                                   seen, held, held_out_fraction, n_distractors, shard_size))
     params = {"n_train_scenes": n_train_scenes, "n_triplets": n_triplets, "n_texts": n_texts,
+              "n_difference_pairs": n_difference_pairs,
               "n_eval_queries": n_eval_queries, "renders_per_scene": renders_per_scene,
               "n_distractor_scenes": n_distractors, "held_out_fraction": held_out_fraction,
               "instructions_per_scene": instructions_per_scene, "shard_size": shard_size}

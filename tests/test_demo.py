@@ -31,6 +31,11 @@ def test_demo_fast_runs_every_step(tmp_path):
     for name, m in rows.items():
         weighted = sum(m[f"change={c}/R@10"] * n for c, n in counts.items()) / sum(counts.values())
         assert abs(weighted - m["R@10"]) < 1e-6, name
+    # the second table: conditional retrieval, plain CLIP vs FocalLens fine-tuned from the demo's CLIP
+    conditional = json.loads((tmp_path / "demo" / "results_conditional.json").read_text())
+    assert list(conditional) == ["unconditional CLIP (no training)", "FocalLens (instruction-tuned)"]
+    assert all(0.0 <= m["mAP@10"] <= 100.0 for m in conditional.values())
+    assert "Conditional retrieval" in md and "FocalLens" in (tmp_path / "demo" / "results.md").read_text()
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("<img") >= 8 and "Combiner" in page
     runs = tmp_path / "demo" / "runs"

@@ -35,9 +35,36 @@ def has_held_out(objs: set[S.Obj], held) -> bool:
     return any((o.colour, o.shape) in held for o in objs)
 
 
+CLAUSE_SPLIT = re.compile(r",|:|\?|\b(?:and|that|but)\b")
+
+
+def said_combinations(text: str) -> set[tuple[str, str]]:
+    """Every (colour, shape) a text puts together: a colour and a shape in one clause.
+
+    The world's grammar never names two objects in one clause without a separator, so this is
+    conservative: 'red triangle', 'the triangle is red', 'make the triangle red', 'turn the red
+    square into a triangle' (-> red triangle), an instruction followed by its answer.
+    """
+    found = set()
+    for clause in CLAUSE_SPLIT.split(text):
+        words = set(clause.split())
+        found |= {(c, s) for c in S.COLOURS if c in words for s in S.SHAPES if s in words}
+    return found
+
+
 def says_held_out(text: str, held) -> bool:
-    """A training text names a held-out combination: 'red triangle' or 'the triangle is red'."""
-    return any(f"{c} {s}" in text or f"the {s} is {c}" in text for c, s in held)
+    return bool(said_combinations(text) & set(held))
+
+
+def test_the_leak_detector_finds_what_it_must():
+    held = {("blue", "circle")}
+    for leak in ("a blue circle at the top left", "the circle is blue", "make the circle blue",
+                 "turn the blue square into a circle", "a photo of a square , but make the circle blue",
+                 "what colour is the circle blue"):
+        assert says_held_out(leak, held), leak
+    for clean in ("a blue square and a red circle", "a blue square, a red circle",
+                  "the square is blue and the circle is red", "a photo of a blue square that move it to the circle"):
+        assert not says_held_out(clean, held), clean
 
 
 # ----------------------------------------------------------------------------- structure
@@ -45,7 +72,7 @@ def test_folders_counts_and_manifest(world):
     m = S.load_world(world.root)
     assert m.counts == world.counts and m.seed == 3 and m.held_out == list(S.HELD_OUT)
     n = SMALL["n_train_scenes"]
-    for part, kind, count in [("pairs", "pair", n), ("pairs_val", "pair", 50), ("images", "image", n),
+    for part, kind, count in [("pairs", "pair", 2 * n), ("pairs_val", "pair", 50), ("images", "image", n),
                               ("texts", "text", 5 * n),
                               ("triplets/train", "triplet", 2 * n), ("instructions", "instruction", None)]:
         idx = read_index(m.path(part))
@@ -108,23 +135,35 @@ def test_same_seed_byte_identical_tar_files(tmp_path):
 
 # ----------------------------------------------------------------------------- held-out composition
 def test_held_out_never_in_training_data(world):
+    """No held-out (colour, shape) in any training caption, difference caption, edit text, instruction
+    or answer: checked on the words (every clause), and on the scenes where a sample records one."""
     held = set(S.HELD_OUT)
     phrases = [f"{c} {s}" for c, s in held]
-    # pairs/ and texts/ hold varied captions (synthetic.training_caption); pairs_val/ full ones
-    train_texts = [s["txt"] for s in samples(world.path("pairs"))] + [s["txt"] for s in samples(world.path("texts"))]
+    # pairs/ (captions + difference captions) and texts/ hold varied captions; pairs_val/ full ones
+    pairs = samples(world.path("pairs"))
+    train_texts = [s["txt"] for s in pairs] + [s["txt"] for s in samples(world.path("texts"))]
     for t in train_texts:
         assert not says_held_out(t, held), t
     assert any(" at the " in t and t.count(" a ") >= 2 for t in train_texts)   # full multi-object ones too
+    differences = [s["txt"] for s in pairs if s["scene"].startswith("train-d")]
+    assert len(differences) == SMALL["n_train_scenes"]
+    edit = re.compile(r"(?: that| ,| , but| after the edit :) (?:make|turn|move|add|remove) ")
+    assert all(edit.search(t) for t in differences), [t for t in differences if not edit.search(t)][:3]
+    assert any(t.startswith("a photo of ") and " that " in t for t in differences)
+    # "turn the square into a diamond" says no colour: what the image shows is checked on its scene
+    for s in pairs:
+        assert not has_held_out(parse_caption(s["scene_caption"]), held), s
     for s in samples(world.path("pairs_val")):
         assert not has_held_out(parse_caption(s["txt"]), held), s["txt"]
     for s in samples(world.path("triplets/train")):
         assert not has_held_out(parse_caption(s["ref_caption"]) | parse_caption(s["tgt_caption"]), held)
         assert not any(p in s["texts"][0] for p in phrases), s["texts"]
+        assert not says_held_out(s["texts"][0], held), s["texts"]
     # the training scenes' full captions: the triplets' reference captions cover every scene
     captions = {s["ref_scene"]: parse_caption(s["ref_caption"]) for s in samples(world.path("triplets/train"))}
     for s in samples(world.path("instructions")):
         assert not has_held_out(captions[s["scene"]], held)
-        assert not any(p in s["instruction"] for p in phrases)
+        assert not says_held_out(f"{s['instruction'].rstrip('?')} {s['answer']}", held), s
 
 
 def test_held_out_appears_in_test_targets_only(world):
@@ -135,6 +174,7 @@ def test_held_out_appears_in_test_targets_only(world):
     for q in comp:
         assert q["change"] in S.CREATING_CHANGES
         assert has_held_out(parse_caption(q["tgt_caption"]), held)
+        assert says_held_out(q["tgt_caption"], held), q   # the word-level detector sees the test's targets
         assert not has_held_out(parse_caption(q["ref_caption"]), held)
     for q in samples(world.path("eval/val") / "queries"):
         assert q["composition"] == "seen"
@@ -282,11 +322,11 @@ def test_cli_writes_a_world_and_rejects_a_foreign_folder(tmp_path, capsys):
 
     assert S_.cli(["--out", str(tmp_path / "w"), "--scenes", "12", "--queries", "6", "--seed", "2"]) == 0
     m = S.load_world(tmp_path / "w")
-    assert m.seed == 2 and m.counts["pairs"] == 12 and m.counts["eval/test/queries"] == 6
+    assert m.seed == 2 and m.counts["pairs"] == 24 and m.counts["eval/test/queries"] == 6
     assert "held out" in capsys.readouterr().out
     # rewriting an existing world is allowed and replaces it
     assert S_.cli(["--out", str(tmp_path / "w"), "--scenes", "8", "--queries", "4"]) == 0
-    assert read_index(tmp_path / "w" / "pairs").total == 8
+    assert read_index(tmp_path / "w" / "pairs").total == 16   # 8 captions + 8 difference captions
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x").write_text("x")
     assert S_.cli(["--out", str(tmp_path / "foreign")]) == 2

@@ -2,8 +2,9 @@
 
 Steps: write the synthetic world -> pre-train a tiny CLIP on its captions (recipes/quickstart/clip.yaml)
 -> CLIP4Cir stage 1 (combiner-stage1.yaml) -> stage 2 (combiner.yaml) -> LinCIR (lincir.yaml) ->
-evaluate everything and the zero-training baselines on the held-out test split -> print the table
-and write a report page with a few queries and their top results.
+Pic2Word -> SEARLE -> evaluate everything and the zero-training baselines on the held-out test split
+-> print the table and write a report page with a few queries and their top results -> FocalLens
+on the conditional set, a second table (train/focallens_demo.py).
 """
 
 from __future__ import annotations
@@ -158,39 +159,39 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     cfg = SCALES[scale]
     out = Path(out)
     t0 = time.perf_counter()
-    print(f"[1/8] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
+    print(f"[1/9] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
     world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
     w = world.root
     common = ["--seed_everything", str(seed)]
     if cfg.get("steps"):
         common.append(f"--data.init_args.steps_per_epoch={cfg['steps']}")
-    print("[2/8] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
+    print("[2/9] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
     clip = _fit(RECIPES / "clip.yaml", out, "clip", common + [
         f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
         f"--trainer.max_epochs={cfg['clip_epochs']}"])
-    print("[3/8] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
+    print("[3/9] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
     stage1 = _fit(RECIPES / "combiner-stage1.yaml", out, "combiner-stage1", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s1_epochs']}"])
-    print("[4/8] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
+    print("[4/9] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
     stage2 = _fit(RECIPES / "combiner.yaml", out, "combiner", common + [
         f"--model.init_args.backbone.pretrained={stage1 / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s2_epochs']}"])
-    print("[5/8] LinCIR: training phi from captions alone (lincir.yaml)")
+    print("[5/9] LinCIR: training phi from captions alone (lincir.yaml)")
     lincir = _fit(RECIPES / "lincir.yaml", out, "lincir", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'texts'}", f"--trainer.max_epochs={cfg['lincir_epochs']}"])
-    print("[6/8] Pic2Word: the mapping network from the world's images alone (pic2word.yaml)")
+    print("[6/9] Pic2Word: the mapping network from the world's images alone (pic2word.yaml)")
     pic2word = _fit(RECIPES / "pic2word.yaml", out, "pic2word", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'images'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['p2w_epochs']}"])
-    print("[7/8] SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens")
+    print("[7/9] SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens")
     from cirlab.train.oti import OTIConfig
     from cirlab.train.searle_task import searle_quickstart
 
@@ -198,7 +199,7 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     searle = searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
                                max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64, seed=seed),
                                epochs=sc["epochs"], seed=seed)
-    print("[8/8] evaluating every model and the baselines on the held-out test split")
+    print("[8/9] evaluating every model and the baselines on the held-out test split")
     test_set = w / "eval" / "test"
     rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"],
                                pic2word)
@@ -217,7 +218,18 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     report = write_report(out / "report.html", rows, ranks, _gallery_images(test_set), COLUMNS,
                           title="cirlab quickstart: composed retrieval on the synthetic world",
                           subtitle=f"held-out test split, {n_queries} queries; every method's top 5, hits marked")
-    print(f"report page: {report}   results: {out / 'results.json'}")
+    print("[9/9] FocalLens: the instruction-tuned image encoder on the conditional set (focallens.yaml)")
+    from cirlab.train.focallens_demo import COLUMNS as CONDITIONAL_COLUMNS
+    from cirlab.train.focallens_demo import run_focallens_demo
+
+    conditional = run_focallens_demo(w, out / "focallens", clip, seed=seed, scale=scale)
+    md += "\n\nConditional retrieval (image + instruction -> images sharing the asked attribute):\n\n" + print_table(
+        conditional, "conditional retrieval on the synthetic world: plain CLIP vs FocalLens", CONDITIONAL_COLUMNS)
+    (out / "results.md").write_text(md + "\n")
+    (out / "results_conditional.json").write_text(json.dumps(conditional, indent=1))
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"report page: {report}   results: {out / 'results.json'}, {out / 'results_conditional.json'}   "
+          f"({minutes:.1f} min in all)")
     return rows
 
 
