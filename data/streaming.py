@@ -544,15 +544,18 @@ class ShardStream(IterableDataset):
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Decode one raw sample; a random image transform draws from a generator seeded by the
-        sample itself (seed, epoch, shard, offset), so a resumed run augments exactly as an
-        uninterrupted one, whatever the worker or rank layout."""
+        sample itself (seed, epoch, shard file name, offset), so a resumed run augments exactly as an
+        uninterrupted one, whatever the worker or rank layout or the folder the shards lie in."""
         if self.transform is None or not self.decode_images:
             return decode_sample(raw, self.kind, self.transform, self.decode_images)
         # the CPU generator only: torch.manual_seed also seeds every accelerator backend lazily, which
         # formats a stack trace per call (~3 ms a sample, a 10x slower CLIP epoch on 2 cores)
         gen = torch.default_generator
         state = gen.get_state()
-        gen.manual_seed(_seed(self.seed, self.epoch, raw["__url__"], raw.get("__offset__")) % 2 ** 63)
+        # the shard's file name, not its path: the same data in another folder augments the same
+        # (the path made the demo's numbers depend on its --out folder)
+        shard = os.path.basename(str(raw["__url__"]))
+        gen.manual_seed(_seed(self.seed, self.epoch, shard, raw.get("__offset__")) % 2 ** 63)
         try:
             return decode_sample(raw, self.kind, self.transform, self.decode_images)
         finally:

@@ -462,3 +462,29 @@ def test_buffer_larger_than_the_data_still_reads_each_sample_once_per_pass(tmp_p
     for k in range(3):  # passes are drained one by one: each a permutation of the data
         assert sorted(got[24 * k:24 * (k + 1)]) == sorted(ids), k
     assert got[:24] != ids and got[:24] != got[24:48]  # shuffled, and reshuffled per pass
+
+
+def test_augmentation_does_not_depend_on_the_folder(tmp_path):
+    """The same shards in two folders give the same random crops: a run's numbers must not change
+    with where its data (or the demo's --out folder) lies. Different epochs still crop differently."""
+    import shutil
+
+    _write(tmp_path / "a" / "pairs", [5, 4])
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+
+    def crop(img):  # a random transform that draws from torch's generator
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32))
+        return x + torch.rand(())
+
+    def pixels(folder, epoch=0):
+        stream = ShardStream(folder, "pair", transform=crop, resampled=False, shuffle=False, shuffle_buffer=0,
+                             batch_size=None, rank=0, world_size=1, equal_steps=False)
+        stream.set_epoch(epoch)
+        return {s["id"]: s["image"] for s in stream}
+
+    a, b = pixels(tmp_path / "a" / "pairs"), pixels(tmp_path / "elsewhere" / "b" / "pairs")
+    assert a.keys() == b.keys() and len(a) == 9
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    other = pixels(tmp_path / "a" / "pairs", epoch=1)
+    assert any(not torch.equal(a[k], other[k]) for k in a)
