@@ -36,12 +36,12 @@ import logging
 import os
 import random
 import re
-import tarfile
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from cirlab.data.shards import ShardIndex, read_index, write_shards
+from cirlab.data.tar_format import iter_tar_members
 from cirlab.errors import CirlabError
 
 log = logging.getLogger(__name__)
@@ -388,13 +388,10 @@ def _iter_text_samples(index: ShardIndex) -> Iterator[dict[str, Any]]:
     """Samples of a text-shard folder in order: json fields plus ``text`` from the txt member."""
     for url in index.urls:
         groups: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member)
-                groups.setdefault(key, {})[ext] = data.read() if data else b""
+        with open(url, "rb") as stream:
+            for name, data in iter_tar_members(stream):
+                key, _, ext = name.partition(".")
+                groups.setdefault(key, {})[ext] = data
         for key, members in groups.items():
             if "txt" not in members or "json" not in members:
                 raise ValueError(f"{url}: sample {key!r} lacks a txt or json member; "

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import webdataset as wds
 from PIL import Image
 
 from cirlab.data.images import to_rgb
 from cirlab.data.kinds import IMAGE_FIELDS, REQUIRED_JSON, TEXT_FIELDS, check_kind
+from cirlab.data.tar_format import ShardTarWriter
 from cirlab.errors import CirlabError
 
 INDEX_NAME = "index.json"
@@ -172,7 +172,8 @@ def write_shards(samples: Iterable[dict[str, Any]], out_dir: str | os.PathLike, 
                             sink.close()
                         shard_no += 1
                         name = f"{prefix}-{shard_no:06d}.tar"
-                        sink = wds.TarWriter(str(staging / name), mtime=0)  # reproducible: no wall-clock stamps
+                        # webdataset.TarWriter's bytes, ~5x faster (data/tar_format.py); mtime 0: reproducible
+                        sink = ShardTarWriter(str(staging / name), mtime=0)
                         names.append(name)
                         counts.append(0)
                         in_shard = 0

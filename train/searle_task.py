@@ -330,9 +330,9 @@ class SEARLETask(ComposedRetrievalTask):
 def first_images(src: str | Path, out: str | Path, n: int, shard_size: int = 128) -> Path:
     """The first `n` samples of an image shard folder copied (bytes unchanged) into `out`; `out` when done."""
     import json
-    import tarfile
 
     from cirlab.data.shards import read_index, write_shards
+    from cirlab.data.tar_format import iter_tar_members
 
     out = Path(out)
     if (out / "index.json").is_file() and read_index(out).total == n:
@@ -341,11 +341,11 @@ def first_images(src: str | Path, out: str | Path, n: int, shard_size: int = 128
     def samples():
         left = n
         for url in read_index(src).urls:
-            with tarfile.open(url) as tar:
-                members: dict[str, dict[str, bytes]] = {}
-                for m in tar.getmembers():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            members: dict[str, dict[str, bytes]] = {}
+            with open(url, "rb") as stream:
+                for name, data in iter_tar_members(stream):
+                    key, _, ext = name.partition(".")
+                    members.setdefault(key, {})[ext] = data
             for key in sorted(members):
                 if left == 0:
                     return
