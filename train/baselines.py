@@ -23,6 +23,10 @@ class BaselineTask(ComposedRetrievalTask):
         self.mode = mode
         super().__init__(backbone, None, None, evaluation)
 
+    def configure_models(self) -> None:
+        super().configure_models()
+        self.backbone.requires_grad_(False)  # nothing trains: its gallery is frozen (kept, shareable)
+
     def query_features(self, ref_features: torch.Tensor, texts: list[list[str]], protocol: Protocol) -> torch.Tensor:
         if self.mode == "image":
             return ref_features

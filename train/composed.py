@@ -18,7 +18,7 @@ from torch import nn
 from cirlab.data.evalset import Protocol
 from cirlab.errors import CirlabError
 from cirlab.train.base import BaseTask
-from cirlab.train.evaluation import EvalContext, RetrievalEvaluator, save_results
+from cirlab.train.evaluation import EvalContext, RetrievalEvaluator, save_results, sharing_galleries
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,33 @@ class ComposedRetrievalTask(BaseTask):
     def _tell_datamodule(self, key: str, dm: Any) -> None:
         """Which galleries the loaders must stream: a kept (frozen) gallery is not even opened again.
         Said before the loaders start, since Lightning fetches a batch ahead of the epoch hooks."""
+        ev = self.evaluators[key]
+        if sharing_galleries() and self.gallery_frozen() and any(ev.needs_gallery(i) for i in range(len(ev.sets))):
+            encoder = self.gallery_key(dm)
+            for i, es in enumerate(ev.sets):
+                ev.adopt_shared(i, f"{Path(es.root).resolve()}|{encoder}")
         if hasattr(dm, "set_gallery_needed"):
-            ev = self.evaluators[key]
             for i in range(len(ev.sets)):
                 dm.set_gallery_needed(key, i, ev.needs_gallery(i))
+
+    def gallery_key(self, dm: Any = None) -> str:
+        """What this task's gallery features depend on, as a sha1: the method's `gallery_features`,
+        the weights of `gallery_modules()`, the evaluation transform and the trainer's precision.
+        Two tasks with the same key encode every gallery image to the same feature."""
+        import hashlib
+
+        from cirlab.train.feature_cache import transform_key
+
+        fn = type(self).gallery_features
+        h = hashlib.sha1(f"{fn.__module__}.{fn.__qualname__}".encode())
+        h.update(transform_key(getattr(dm, "eval_transform", None)).encode())
+        h.update(str(self.trainer.precision if self._trainer is not None else "").encode())
+        for m in self.gallery_modules():
+            for name, t in sorted(m.state_dict().items()):
+                t = t.detach()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def gallery_frozen(self) -> bool:
         return not any(p.requires_grad for m in self.gallery_modules() for p in m.parameters())

@@ -79,6 +79,7 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
         rows[label], ranks[label] = _test(task, test_set)
     s1 = CombinerTask(stage=1, backbone=BackboneConfig(tiny, exported_backbone(stage1),
                                                        image_transform="targetpad"))
+    s1.backbone.requires_grad_(False)  # evaluated only: its gallery is stage 2's (shared_galleries)
     rows["CLIP4Cir stage 1 (fine-tuned sum)"], ranks["CLIP4Cir stage 1 (fine-tuned sum)"] = _test(s1, test_set)
     s2 = CombinerTask(stage=2, backbone=BackboneConfig(tiny, exported_backbone(stage2),
                                                        image_transform="targetpad"))
@@ -201,8 +202,11 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
                                epochs=sc["epochs"], seed=seed)
     print("[8/9] evaluating every model and the baselines on the held-out test split")
     test_set = w / "eval" / "test"
-    rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"],
-                               pic2word)
+    from cirlab.train.evaluation import shared_galleries
+
+    with shared_galleries():  # nine rows, three image encoders: each gallery encoded once per encoder
+        rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"],
+                                   pic2word)
     minutes = (time.perf_counter() - t0) / 60
     md = print_table(rows, f"synthetic world, test split ({world.counts.get('eval/test/queries', '?')} queries), "
                            f"{minutes:.1f} min")

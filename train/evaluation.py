@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,34 @@ from cirlab.train.metrics import map_at_k, recall_at_k, subset_recall_at_k
 from cirlab.train.ranking import rank
 
 log = logging.getLogger(__name__)
+
+# Frozen galleries shared between tasks of this process inside `shared_galleries()`: key -> features
+_SHARED: Optional["OrderedDict[str, GalleryIndex]"] = None
+_SHARED_MAX = 8
+
+
+@contextmanager
+def shared_galleries(max_sets: int = 8) -> Iterator[None]:
+    """Inside this block, a frozen gallery encoded by one task is reused by every later task whose
+    gallery encoder is the same (same method, weights, transform and precision; see
+    `ComposedRetrievalTask.gallery_key`), instead of being decoded and encoded again. Scoring many
+    models on one set (the demo: nine rows, three distinct image encoders) pays once per encoder.
+    At most `max_sets` galleries are kept (features only), the least recently used dropped first."""
+    global _SHARED, _SHARED_MAX
+    outer = _SHARED
+    if outer is None:
+        _SHARED, _SHARED_MAX = OrderedDict(), max_sets
+    try:
+        yield
+    finally:
+        if outer is None:
+            _SHARED = None
+
+
+def sharing_galleries() -> bool:
+    """True inside `shared_galleries()`."""
+    return _SHARED is not None
+
 
 #: query fields every protocol scores with (besides its breakdown fields)
 _QUERY_FIELDS = ("ref_id", "target_id", "gt_ids", "subset", "texts")
@@ -371,6 +401,7 @@ class RetrievalEvaluator:
         self.names = self._unique_names()
         self._partial: dict[int, GalleryIndex] = {}
         self._cached: dict[int, GalleryIndex] = {}
+        self.gallery_keys: dict[int, str] = {}  # set index -> key of its encoder, inside shared_galleries()
         self.encoded_images = 0  # gallery images this rank encoded (the DDP split is measured with it)
         self.last_rankings: dict[str, RankedQueries] = {}
         self.selection_score: Optional[float] = None  # mean of the sets' scores after `finish`
@@ -390,6 +421,15 @@ class RetrievalEvaluator:
     def needs_gallery(self, set_idx: int) -> bool:
         """False when this set's gallery features are kept from an earlier pass (frozen image side)."""
         return set_idx not in self._cached
+
+    def adopt_shared(self, set_idx: int, key: str) -> bool:
+        """Take this set's gallery from `shared_galleries()` if a task with the same encoder left it."""
+        self.gallery_keys[set_idx] = key
+        if set_idx in self._cached or _SHARED is None or key not in _SHARED:
+            return set_idx in self._cached
+        _SHARED.move_to_end(key)
+        self._cached[set_idx] = _SHARED[key]
+        return True
 
     def add_gallery(self, set_idx: int, ids: Sequence[str], feats: torch.Tensor) -> None:
         self._partial.setdefault(set_idx, GalleryIndex()).add(list(ids), feats)
@@ -416,6 +456,12 @@ class RetrievalEvaluator:
                 continue
             if complete and gallery_frozen:
                 self._cached[i] = gallery
+                key = self.gallery_keys.get(i)
+                if key is not None and _SHARED is not None:
+                    _SHARED[key] = gallery
+                    _SHARED.move_to_end(key)
+                    while len(_SHARED) > _SHARED_MAX:
+                        _SHARED.popitem(last=False)
             if len(gallery) == 0:
                 log.warning("evaluation set %s: no gallery image was encoded (trainer.limit_val_batches?): skipped",
                             es.root)
