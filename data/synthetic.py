@@ -445,7 +445,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
-                 n_triplets: int, n_texts: int, instructions_per_scene: int, shard_size: int,
+                 n_texts: int, instructions_per_scene: int, shard_size: int,
                  n_difference_pairs: int = 0) -> dict[str, int]:
     rng, nrng = _py_rng(seed, 1), _np_rng(seed, 1)
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
@@ -492,6 +492,27 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
                        "image_id": f"{sid}-r0", "question_type": qtype, "scene": sid}
     counts["instructions"] = write_shards(instructions(), out / "instructions", "instruction", shard_size).total
 
+    xrng = _py_rng(seed, 4)
+
+    def texts() -> Iterator[dict[str, Any]]:
+        # The training captions first, then captions of more scenes of the same distribution.
+        for i in range(n_texts):
+            scene = scenes[i] if i < n_scenes else random_scene(xrng, seen)
+            yield {"id": f"text-{i:07d}", "text": training_caption(scene, xrng)}
+    counts["texts"] = write_shards(texts(), out / "texts", "text", max(shard_size, 10_000)).total
+    return counts
+
+
+def _training_scenes(seed: int, seen: list[tuple[str, str]], n_scenes: int) -> tuple[list[Scene], list[str]]:
+    """The training scenes and their ids: the first draws of stream 1 (every training part uses them)."""
+    rng = _py_rng(seed, 1)
+    return [random_scene(rng, seen) for _ in range(n_scenes)], [f"train-s{i:06d}" for i in range(n_scenes)]
+
+
+def _build_triplets(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
+                    n_triplets: int, shard_size: int) -> dict[str, int]:
+    scenes, ids = _training_scenes(seed, seen, n_scenes)
+    counts: dict[str, int] = {}
     trng, tnrng = _py_rng(seed, 3), _np_rng(seed, 3)
 
     def triplets() -> Iterator[dict[str, Any]]:
@@ -511,14 +532,6 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
                    "text_format": "plain", "ref_caption": caption(ref), "tgt_caption": caption(tgt)}
     counts["triplets/train"] = write_shards(triplets(), out / "triplets" / "train", "triplet", shard_size).total
 
-    xrng = _py_rng(seed, 4)
-
-    def texts() -> Iterator[dict[str, Any]]:
-        # The training captions first, then captions of more scenes of the same distribution.
-        for i in range(n_texts):
-            scene = scenes[i] if i < n_scenes else random_scene(xrng, seen)
-            yield {"id": f"text-{i:07d}", "text": training_caption(scene, xrng)}
-    counts["texts"] = write_shards(texts(), out / "texts", "text", max(shard_size, 10_000)).total
     return counts
 
 
@@ -594,7 +607,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
                 n_difference_pairs: int | None = None,
                 renders_per_scene: int = 3, n_distractor_scenes: int | None = None,
                 held_out: Sequence[tuple[str, str]] = HELD_OUT, held_out_fraction: float = 0.5,
-                instructions_per_scene: int = 2, shard_size: int = 1000) -> WorldManifest:
+                instructions_per_scene: int = 2, shard_size: int = 1000,
+                workers: int | None = None) -> WorldManifest:
     """Write the synthetic world into ``out_dir`` (pairs, images, texts, triplets, instructions, eval sets).
 
     Folders: pairs/ (one caption per training scene), pairs_val/ (held-in validation pairs, n/10,
@@ -602,6 +616,9 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     Defaults: 4000 training scenes, 2 triplets and 5 caption-only texts per training scene, 400 val
     and 400 test queries (half of the test queries target a held-out combination), 3 renderings per
     evaluation scene. Same arguments -> byte-identical shard contents.
+
+    ``workers``: processes writing the parts side by side (each part draws from its own random
+    streams, so the bytes do not depend on it); default 2 from 1000 training scenes on, else 1.
     """
     t0 = time.perf_counter()
     held = _validate(held_out, image_size, renders_per_scene, n_train_scenes, n_eval_queries)
@@ -615,11 +632,29 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     out = Path(out_dir)
     _prepare_out(out)
 
-    counts = _build_train(out, seed, image_size, seen, n_train_scenes, n_triplets, n_texts,
-                          instructions_per_scene, shard_size, n_difference_pairs)
-    for split, stream in (("val", 10), ("test", 11)):
-        counts.update(_build_eval(out, split, stream, seed, image_size, n_eval_queries, renders_per_scene,
-                                  seen, held, held_out_fraction, n_distractors, shard_size))
+    # (function, arguments) of every part, the heaviest first; each writes its own folders
+    parts = [(_build_triplets, (out, seed, image_size, seen, n_train_scenes, n_triplets, shard_size)),
+             (_build_train, (out, seed, image_size, seen, n_train_scenes, n_texts, instructions_per_scene,
+                             shard_size, n_difference_pairs))]
+    parts += [(_build_eval, (out, split, stream, seed, image_size, n_eval_queries, renders_per_scene, seen, held,
+                             held_out_fraction, n_distractors, shard_size)) for split, stream in (("val", 10), ("test", 11))]
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1) if n_train_scenes >= 1000 else 1
+    found: dict[str, int] = {}
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the parts need only this module's functions and their arguments (no re-import)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for done in [pool.submit(fn, *args) for fn, args in parts]:
+                found.update(done.result())
+    else:
+        for fn, args in parts:
+            found.update(fn(*args))
+    order = ["pairs", "pairs_val", "images", "instructions", "triplets/train", "texts"]  # world.json's order
+    counts = {k: found[k] for k in order if k in found}
+    counts.update({k: v for k, v in found.items() if k not in counts})
     params = {"n_train_scenes": n_train_scenes, "n_triplets": n_triplets, "n_texts": n_texts,
               "n_difference_pairs": n_difference_pairs,
               "n_eval_queries": n_eval_queries, "renders_per_scene": renders_per_scene,
