@@ -1,10 +1,11 @@
 """`cirlab demo` / `make demo`: the whole quickstart on the synthetic world, one table at the end.
 
 Steps: write the synthetic world -> pre-train a tiny CLIP on its captions (recipes/quickstart/clip.yaml)
--> CLIP4Cir stage 1 (combiner-stage1.yaml) -> stage 2 (combiner.yaml) -> LinCIR (lincir.yaml) ->
-Pic2Word -> SEARLE -> evaluate everything and the zero-training baselines on the held-out test split
--> print the table and write a report page with a few queries and their top results -> FocalLens
-on the conditional set, a second table (train/focallens_demo.py).
+-> from that CLIP, in two processes side by side: CLIP4Cir stage 1 (combiner-stage1.yaml) and stage 2
+(combiner.yaml) | FocalLens on the world's instructions (train/focallens_demo.py), then LinCIR
+(lincir.yaml), Pic2Word (pic2word.yaml) and SEARLE -> evaluate everything and the zero-training
+baselines on the held-out test split -> print the tables (composed retrieval; conditional retrieval,
+plain CLIP vs FocalLens) and write a report page with a few queries and their top results.
 """
 
 from __future__ import annotations
@@ -151,62 +152,138 @@ def _gallery_images(test_set: Path) -> dict[str, bytes]:
     return out
 
 
-def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -> dict[str, dict[str, float]]:
-    from cirlab.data.synthetic import build_world
-
+def _recipes() -> Path:
     from cirlab.train.recipes import recipes_root
 
-    RECIPES = recipes_root() / "quickstart"  # the shipped recipes: works from any folder after pip install
-    cfg = SCALES[scale]
-    out = Path(out)
-    t0 = time.perf_counter()
-    print(f"[1/9] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
-    world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
-    w = world.root
+    return recipes_root() / "quickstart"  # the shipped recipes: works from any folder after pip install
+
+
+def _common(cfg: dict[str, Any], seed: int) -> list[str]:
     common = ["--seed_everything", str(seed)]
     if cfg.get("steps"):
         common.append(f"--data.init_args.steps_per_epoch={cfg['steps']}")
-    print("[2/9] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
-    clip = _fit(RECIPES / "clip.yaml", out, "clip", common + [
-        f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
-        f"--trainer.max_epochs={cfg['clip_epochs']}"])
-    print("[3/9] CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)")
-    stage1 = _fit(RECIPES / "combiner-stage1.yaml", out, "combiner-stage1", common + [
+    return common
+
+
+def _combiner_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> tuple[Path, Path]:
+    """CLIP4Cir stage 1 (both towers, summed query), then stage 2 (the Combiner on cached features)."""
+    common, recipes = _common(cfg, seed), _recipes()
+    print("CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)", flush=True)
+    stage1 = _fit(recipes / "combiner-stage1.yaml", out, "combiner-stage1", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s1_epochs']}"])
-    print("[4/9] CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)")
-    stage2 = _fit(RECIPES / "combiner.yaml", out, "combiner", common + [
+    print("CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)", flush=True)
+    stage2 = _fit(recipes / "combiner.yaml", out, "combiner", common + [
         f"--model.init_args.backbone.pretrained={stage1 / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s2_epochs']}"])
-    print("[5/9] LinCIR: training phi from captions alone (lincir.yaml)")
-    lincir = _fit(RECIPES / "lincir.yaml", out, "lincir", common + [
+    return stage1, stage2
+
+
+def _zero_shot_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> tuple[Path, Path, Path]:
+    """LinCIR (captions only), Pic2Word (images only), SEARLE (OTI tokens, then phi distilled)."""
+    from cirlab.train.oti import OTIConfig
+    from cirlab.train.searle_task import searle_quickstart
+
+    common, recipes = _common(cfg, seed), _recipes()
+    print("LinCIR: training phi from captions alone (lincir.yaml)", flush=True)
+    lincir = _fit(recipes / "lincir.yaml", out, "lincir", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'texts'}", f"--trainer.max_epochs={cfg['lincir_epochs']}"])
-    print("[6/9] Pic2Word: the mapping network from the world's images alone (pic2word.yaml)")
-    pic2word = _fit(RECIPES / "pic2word.yaml", out, "pic2word", common + [
+    print("Pic2Word: the mapping network from the world's images alone (pic2word.yaml)", flush=True)
+    pic2word = _fit(recipes / "pic2word.yaml", out, "pic2word", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'images'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['p2w_epochs']}"])
-    print("[7/9] SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens")
-    from cirlab.train.oti import OTIConfig
-    from cirlab.train.searle_task import searle_quickstart
-
+    print("SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens", flush=True)
     sc = cfg["searle"]
     searle = searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
                                max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64, seed=seed),
                                epochs=sc["epochs"], seed=seed)
-    print("[8/9] evaluating every model and the baselines on the held-out test split")
+    return lincir, pic2word, Path(searle)
+
+
+def _focallens_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int,
+                      scale: str) -> dict[str, dict[str, float]]:
+    from cirlab.train.focallens_demo import run_focallens_demo
+
+    print("FocalLens: the instruction-tuned image encoder on the conditional set (focallens.yaml)", flush=True)
+    return run_focallens_demo(w, out / "focallens", clip, seed=seed, scale=scale)
+
+
+def _in_log(log: str, fn: Any, *args: Any) -> tuple[Any, float]:
+    """Run `fn(*args)` in this (spawned) process with its output in `log`; (result, seconds)."""
+    import os
+    import sys
+
+    torch.set_num_threads(1)  # two branches share the two cores
+    with open(log, "w", buffering=1) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
+        t = time.perf_counter()
+        result = fn(*args)
+        return result, time.perf_counter() - t
+
+
+def _run_branches(out: Path, branches: dict[str, tuple[Any, tuple]]) -> dict[str, Any]:
+    """The methods' trainings, independent once the CLIP exists, in two processes side by side (one
+    thread each: a tiny model keeps two threads busy only part of the time, two processes fill the
+    gaps); each branch's output goes to out/logs/<branch>.log. Longest branches first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    # spawn, not fork: this process has run torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_in_log, str(logs / f"{name}.log"), fn, *args)
+                   for name, (fn, args) in branches.items()}
+        for name, fut in futures.items():
+            try:
+                results[name], seconds = fut.result()
+            except Exception as exn:
+                raise RuntimeError(f"demo branch {name!r} failed: {type(exn).__name__}: {exn} "
+                                   f"(its output: {logs / f'{name}.log'})") from exn
+            print(f"      {name}: done in {seconds:.0f} s (log: {logs / f'{name}.log'})", flush=True)
+    return results
+
+
+def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -> dict[str, dict[str, float]]:
+    from cirlab.data.synthetic import build_world
+
+    cfg = SCALES[scale]
+    out = Path(out).resolve()
+    t0 = time.perf_counter()
+    print(f"[1/5] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
+    world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
+    w = world.root
+    print("[2/5] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
+    clip = _fit(_recipes() / "clip.yaml", out, "clip", _common(cfg, seed) + [
+        f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
+        f"--trainer.max_epochs={cfg['clip_epochs']}"])
+    print("[3/5] training every method from that CLIP, in two processes: CLIP4Cir stages 1-2 "
+          "(combiner-stage1.yaml, combiner.yaml) | FocalLens (focallens.yaml), then LinCIR, Pic2Word, SEARLE "
+          "(lincir.yaml, pic2word.yaml, SEARLE's quickstart)", flush=True)
+    done = _run_branches(out, {
+        "combiner": (_combiner_branch, (out, w, clip, cfg, seed)),
+        "focallens": (_focallens_branch, (out, w, clip, cfg, seed, scale)),
+        "zero-shot": (_zero_shot_branch, (out, w, clip, cfg, seed)),
+    })
+    (stage1, stage2), (lincir, pic2word, searle), conditional = done["combiner"], done["zero-shot"], done["focallens"]
+    print("[4/5] evaluating every model and the baselines on the held-out test split")
     test_set = w / "eval" / "test"
     from cirlab.train.evaluation import shared_galleries
 
     with shared_galleries():  # nine rows, three image encoders: each gallery encoded once per encoder
         rows, ranks = evaluate_all(out, clip, stage1, stage2, lincir, test_set, searle, cfg["searle_query_oti_steps"],
                                    pic2word)
+    print("[5/5] the tables and the report page")
     minutes = (time.perf_counter() - t0) / 60
     md = print_table(rows, f"synthetic world, test split ({world.counts.get('eval/test/queries', '?')} queries), "
                            f"{minutes:.1f} min")
@@ -214,7 +291,12 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     if by_type:  # where each method wins: R@10 per edit type and for seen / held-out compositions
         md += "\n\nR@10 by edit type and composition:\n\n" + print_table(
             rows, "R@10 by edit type and by composition (held_out = target holds an unseen colour+shape)", by_type)
+    from cirlab.train.focallens_demo import COLUMNS as CONDITIONAL_COLUMNS
+
+    md += "\n\nConditional retrieval (image + instruction -> images sharing the asked attribute):\n\n" + print_table(
+        conditional, "conditional retrieval on the synthetic world: plain CLIP vs FocalLens", CONDITIONAL_COLUMNS)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "results_conditional.json").write_text(json.dumps(conditional, indent=1))
     (out / "results.md").write_text(md + "\n")
     from cirlab.train.report import write_report
 
@@ -222,15 +304,6 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     report = write_report(out / "report.html", rows, ranks, _gallery_images(test_set), COLUMNS,
                           title="cirlab quickstart: composed retrieval on the synthetic world",
                           subtitle=f"held-out test split, {n_queries} queries; every method's top 5, hits marked")
-    print("[9/9] FocalLens: the instruction-tuned image encoder on the conditional set (focallens.yaml)")
-    from cirlab.train.focallens_demo import COLUMNS as CONDITIONAL_COLUMNS
-    from cirlab.train.focallens_demo import run_focallens_demo
-
-    conditional = run_focallens_demo(w, out / "focallens", clip, seed=seed, scale=scale)
-    md += "\n\nConditional retrieval (image + instruction -> images sharing the asked attribute):\n\n" + print_table(
-        conditional, "conditional retrieval on the synthetic world: plain CLIP vs FocalLens", CONDITIONAL_COLUMNS)
-    (out / "results.md").write_text(md + "\n")
-    (out / "results_conditional.json").write_text(json.dumps(conditional, indent=1))
     minutes = (time.perf_counter() - t0) / 60
     print(f"report page: {report}   results: {out / 'results.json'}, {out / 'results_conditional.json'}   "
           f"({minutes:.1f} min in all)")
@@ -242,7 +315,7 @@ def demo_command(out: str = "demo_out", scale: Literal["full", "fast"] = "full",
 
     Args:
         out: output folder
-        scale: full (the real demo, ~7 min on 2 cores) or fast (a smoke run for tests)
+        scale: full (the real demo, ~10 min on 2 cores) or fast (a smoke run for tests)
         seed: seed of the world and of every run
     """
     run_demo(out, scale, seed)
