@@ -22,7 +22,7 @@ from torch import nn
 
 from cirlab.models import lora as _lora
 from cirlab.models.loading import load_into_open_clip, looks_like_path, quiet_random_init
-from cirlab.models.text_context import note_cut_texts
+from cirlab.models.text_context import note_cut_texts, token_counts
 from cirlab.models.transforms import build_transform
 
 
@@ -51,6 +51,9 @@ load_checkpoint_file = load_into_open_clip
 
 
 # ----------------------------------------------------------------------------- the backbone
+# distinct texts whose token ids a Backbone keeps (~0.8 KB each); past this the table starts afresh
+_TOKEN_CACHE_TEXTS = 32768
+
 class Backbone(nn.Module):
     """An open_clip model plus the encoders cirlab's methods need; all features are raw (unnormalised).
 
@@ -78,6 +81,7 @@ class Backbone(nn.Module):
         text = self._text_parts()
         self.token_dim = int(text.token_embedding.embedding_dim) if text is not None else int(self.embed_dim)
         self.tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.context_length)
+        self._token_rows: dict[str, tuple[torch.Tensor, int]] = {}  # text -> (ids, tokens needed); see tokenize
         self._lora_towers: set[str] = set()
         self.lora_config: dict | None = None
 
@@ -223,9 +227,20 @@ class Backbone(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
+        # Each distinct text is tokenized once (CLIP's BPE is Python: ~0.4 ms a caption, a fifth of a
+        # tiny CLIP's training step, and an epoch repeats every caption); the rows are the tokenizer's own.
+        rows = self._token_rows
+        new = [t for t in dict.fromkeys(texts) if t not in rows]
+        if new:
+            if len(rows) + len(new) > _TOKEN_CACHE_TEXTS:
+                rows.clear()
+            needed = token_counts(new, self.context_length, self.tokenizer.encode)
+            for text, ids, n in zip(new, self.tokenizer(new), needed):
+                rows[text] = (ids, n)
         # a text cut to the context is counted (one warning per run, then a summary), never silent
-        note_cut_texts(texts, self.context_length, self.tokenizer.encode, what="texts")
-        return self.tokenizer(texts)
+        note_cut_texts(texts, self.context_length, self.tokenizer.encode, what="texts",
+                       counts=[rows[t][1] for t in texts])
+        return torch.stack([rows[t][0] for t in texts])
 
     def transform(self, kind: str = "clip", train: bool = False, **kw: Any) -> Callable:
         """PIL image -> tensor for this model's input size and mean/std (see transforms.build_transform)."""

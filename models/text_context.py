@@ -30,11 +30,12 @@ class ContextMonitor:
             return len(text.encode("utf-8")) + 2
         return len(self.encode(text)) + 2
 
-    def check(self, texts: Sequence[str]) -> int:
-        """Count the texts the tokenizer will cut; warn the first time this monitor sees one. Returns this batch's count."""
+    def check(self, texts: Sequence[str], counts: Sequence[int] | None = None) -> int:
+        """Count the texts the tokenizer will cut; warn the first time this monitor sees one. Returns this
+        batch's count. ``counts``: the tokens each text needs, when the caller knows them already."""
         cut = 0
-        for text in texts:
-            n = self.tokens(text)
+        for i, text in enumerate(texts):
+            n = self.tokens(text) if counts is None else counts[i]
             if n > self.context_length:
                 cut += 1
                 self.longest = max(self.longest, n)
@@ -60,13 +61,19 @@ _MONITORS: dict[int, ContextMonitor] = {}  # one per context length
 
 
 def note_cut_texts(texts: Sequence[str], context_length: int, encode: Callable[[str], list[int]],
-                   what: str = "query texts") -> int:
+                   what: str = "query texts", counts: Sequence[int] | None = None) -> int:
     """Check texts with this process's monitor for ``context_length``: warns once per run, counts always."""
     key = context_length
     monitor = _MONITORS.get(key)
     if monitor is None:
         monitor = _MONITORS[key] = ContextMonitor(context_length, encode, what)
-    return monitor.check(texts)
+    return monitor.check(texts, counts)
+
+
+def token_counts(texts: Sequence[str], context_length: int, encode: Callable[[str], list[int]]) -> list[int]:
+    """Tokens each text needs, start and end included (encoded only when it may not fit)."""
+    probe = ContextMonitor(context_length, encode)
+    return [probe.tokens(t) for t in texts]
 
 
 def cut_text_summaries() -> list[str]:

@@ -314,3 +314,20 @@ def test_encode_text_skips_the_padding_and_equals_open_clip(bb):
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     # our call: 1 + 17 words + end token; open_clip's: the whole context
     assert lengths == [int(tokens[1].argmax()) + 1, 77] and lengths[0] < 25
+
+
+def test_tokenize_keeps_rows_of_distinct_texts_and_still_counts_every_cut_text():
+    from cirlab.models.text_context import cut_text_summaries, reset_monitors
+
+    reset_monitors()
+    b = Backbone("cirlab-tiny")
+    long = "a large red circle at the top left " * 12  # 98 tokens: past the 77-token context
+    first = ["a red circle", long, "a red circle", ""]
+    second = [long, "a blue square", long]
+    for texts in (first, second, first):
+        assert torch.equal(b.tokenize(texts), b.tokenizer(texts))  # the tokenizer's own rows, in order
+    assert len(b._token_rows) == 4  # each distinct text tokenized once
+    # every occurrence of the long text is counted, cached or not: 1 + 2 + 1 of 4 + 3 + 4 texts
+    assert cut_text_summaries() == ["4 of 11 texts were longer than the 77-token context and were cut "
+                                    f"(the longest had {len(b.tokenizer.encode(long)) + 2} tokens)"]
+    reset_monitors()
