@@ -83,12 +83,64 @@ def test_one_instruction_for_a_gallery_equals_per_image(model):
     torch.testing.assert_close(once, each, atol=1e-6, rtol=0)
 
 
-def test_split_sequences_equal_open_clip_blocks_on_one_masked_sequence(model):
+def _open_cross(fl, seed=8):
+    """Random cross-attention weights (LayerNorm weights stay 1): a trained-looking adapter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fl.named_parameters():
+            if name.startswith("cross.") and ".ln_" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("conditioning", ["xattn", "mean"])
+def test_untrained_equals_plain_for_each_conditioning(model, conditioning):
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb, conditioning)
+    _open_cross(fl)  # whatever the cross-attention holds, a closed gate lets nothing in
+    img = _images(3)
+    with torch.no_grad():
+        plain = bb.encode_image(img)
+    got = fl(bb, img, ["what colour is the circle?", "how many objects are there?", "where"]).detach()
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=0)
+    assert (conditioning == "xattn") == hasattr(fl, "cross")
+    if conditioning == "xattn":
+        assert len(fl.cross) == 2 and fl.cross[0].heads == bb.vision_transformer().transformer.resblocks[0].attn.num_heads
+
+
+def test_bad_conditioning_is_refused(model):
+    with pytest.raises(ValueError, match="conditioning"):
+        FocalLens.for_backbone(model[0], "concat")
+
+
+def test_cross_attention_is_per_token(model):
+    # "xattn": image tokens receive different instruction features (the mean path adds one vector to all)
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb)
+    _open_cross(fl)
+    img = _images(1)
+    instr, lengths = fl.encode_instructions(bb, ["what colour is the circle?"])
+    vit = bb.vision_transformer()
+    x, z = vit._embeds(img), vit.ln_pre(instr)
+    weights = (torch.ones(1, z.shape[1], 1) / z.shape[1])
+    with torch.no_grad():
+        fl.gate.fill_(1.0)
+        add = fl.inject(0, x, z, weights)
+    assert add.shape == x.shape and (add[0, 0] - add[0, 1]).abs().max() > 1e-3
+    # padding keys are masked: appending padded instruction tokens changes nothing
+    zp = torch.cat([z, torch.randn(1, 3, z.shape[2])], dim=1)
+    wp = torch.cat([weights, torch.zeros(1, 3, 1)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fl.inject(0, x, zp, wp), add, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("conditioning", ["xattn", "mean"])
+def test_split_sequences_equal_open_clip_blocks_on_one_masked_sequence(model, conditioning):
     # the fast path keeps instruction tokens out of the image attention; the reference is open_clip's
     # own blocks over [class, instruction, patches] with the (S, S) mask: same outputs and gradients
     bb, _ = model
-    fl = FocalLens.for_backbone(bb)
+    fl = FocalLens.for_backbone(bb, conditioning)
     _open_gate(fl, seed=6)
+    _open_cross(fl)
     img = _images(3)
     instr, lengths = fl.encode_instructions(bb, ["what colour is the circle?", "how many", "where is the big one"])
     vit = bb.vision_transformer()
@@ -98,8 +150,10 @@ def test_split_sequences_equal_open_clip_blocks_on_one_masked_sequence(model):
     ref = fl._conditioned_masked(vit, x, z, weights)
     fast = fl.encode_images(bb, img, instr, lengths)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    g_ref = torch.autograd.grad(ref.pow(2).sum(), [fl.gate, fl.instruction_proj.weight], retain_graph=True)
-    g_fast = torch.autograd.grad(fast.pow(2).sum(), [fl.gate, fl.instruction_proj.weight])
+    params = [fl.gate, fl.instruction_proj.weight] + ([fl.cross[0].q.weight, fl.cross[1].kv.weight]
+                                                      if conditioning == "xattn" else [])
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), params, retain_graph=True)
+    g_fast = torch.autograd.grad(fast.pow(2).sum(), params)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (fast - bb.encode_image(img)).abs().max() > 1e-3  # the instruction does change the result

@@ -76,7 +76,10 @@ def test_export_modules_and_lora_variant(tmp_path):
     assert not any(n.startswith("backbone.model.visual.") and "lora_" not in n for n in trainable)
     written = task.export(tmp_path)
     from safetensors.torch import load_file
-    assert set(load_file(str(written["focallens"]))) == {"gate", "instruction_proj.weight", "instruction_proj.bias"}
+    keys = set(load_file(str(written["focallens"])))
+    assert {"gate", "instruction_proj.weight", "instruction_proj.bias"} <= keys
+    assert {k for k in keys if not k.startswith("cross.")} == {"gate", "instruction_proj.weight", "instruction_proj.bias"}
+    assert {"cross.0.q.weight", "cross.1.kv.weight", "cross.1.out.bias", "cross.0.ln_q.weight"} <= keys
 
 
 # ----------------------------------------------------------------------------- 2 gloo processes
@@ -144,6 +147,8 @@ def test_adapter_lr_scale_puts_gate_and_projection_in_their_own_groups():
     fl = task.focallens
     assert lr_of[id(fl.gate)] == (pytest.approx(2e-3), 0.0)  # 1-d: no decay, 20 x the rate
     assert lr_of[id(fl.instruction_proj.weight)] == (pytest.approx(2e-3), 0.1)
+    assert lr_of[id(fl.cross[0].q.weight)] == (pytest.approx(2e-3), 0.1)  # the cross-attention: adapter rate
+    assert lr_of[id(fl.cross[1].ln_kv.weight)] == (pytest.approx(2e-3), 0.0)
     assert lr_of[id(task.backbone.model.visual.conv1.weight)] == (pytest.approx(1e-4), 0.1)
     trainable = [p for p in task.parameters() if p.requires_grad]
     assert len(lr_of) == len(trainable)  # every trainable parameter once, nothing frozen

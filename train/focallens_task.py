@@ -5,7 +5,9 @@ Training step on instruction shards (image, instruction, answer): the conditiona
 InfoNCE with the model's logit scale; samples of the batch with the same answer are not negatives
 (masked from the softmax in both directions); features are gathered across ranks. The text tower is
 frozen by default (`backbone.freeze_text`); the vision tower trains fully or with LoRA
-(`backbone.lora` with towers [image]); the projection and the gate always train.
+(`backbone.lora` with towers [image]); the projection, the cross-attention and the gates always train.
+With `backbone.freeze_text: false` the text tower trains too, so the answers' text embeddings can move
+apart (the synthetic world's tiny CLIP puts "circle", "square", "two", "three" at cosine 0.98-1.0).
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ class FocalLensTask(ConditionalEmbeddingTask):
     multiplies the learning rate of the instruction projection and the gates (ours): a gate that
     starts at exactly zero opens by about one learning rate per Adam step, so at a fine-tuning rate
     it stays nearly shut for hundreds of steps (and the projection, whose gradient goes through it, learns nothing).
+    `conditioning` (models/focallens.py): "xattn" (default) lets every image token attend to the instruction
+    tokens after each block; "mean" adds the mean instruction token to every image token (the first design).
     """
 
     # the conditioned path calls the ViT's blocks piece by piece (models/focallens.py, _split_block)
     piecewise_modules = ("backbone.model.visual",)
 
     def __init__(self, learnable_temperature: bool = True, init_logit_scale: Optional[float] = None,
-                 adapter_lr_scale: float = 1.0, eval_sets: Optional[list[str]] = None, eval_every_n_epochs: int = 1,
+                 adapter_lr_scale: float = 1.0, conditioning: str = "xattn", eval_sets: Optional[list[str]] = None,
+                 eval_every_n_epochs: int = 1,
                  backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
                  scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None) -> None:
         if init_logit_scale is not None and init_logit_scale <= 0:
@@ -45,6 +50,7 @@ class FocalLensTask(ConditionalEmbeddingTask):
         if adapter_lr_scale <= 0:
             raise ValueError(f"adapter_lr_scale must be > 0, got {adapter_lr_scale}")
         self.learnable_temperature = learnable_temperature
+        self.conditioning = conditioning
         self.adapter_lr_scale = adapter_lr_scale
         self.init_logit_scale = init_logit_scale
         super().__init__(eval_sets, eval_every_n_epochs, backbone, optimizer, scheduler, evaluation)
@@ -62,7 +68,7 @@ class FocalLensTask(ConditionalEmbeddingTask):
 
     def configure_models(self) -> None:
         super().configure_models()
-        self.focallens = FocalLens.for_backbone(self.backbone)
+        self.focallens = FocalLens.for_backbone(self.backbone, self.conditioning)
         scale = self.backbone.model.logit_scale
         if self.init_logit_scale is not None:
             with torch.no_grad():
