@@ -1,8 +1,8 @@
 """`cirlab demo` / `make demo`: the whole quickstart on the synthetic world, one table at the end.
 
 Steps: write the synthetic world -> pre-train a tiny CLIP on its captions (recipes/quickstart/clip.yaml)
--> from that CLIP, in two processes side by side: CLIP4Cir stage 1 (combiner-stage1.yaml) and stage 2
-(combiner.yaml) | FocalLens on the world's instructions (train/focallens_demo.py), then LinCIR
+-> from that CLIP, two at a time in two processes: CLIP4Cir stage 1 (combiner-stage1.yaml) and stage 2
+(combiner.yaml), FocalLens on the world's instructions (train/focallens_demo.py), LinCIR
 (lincir.yaml), Pic2Word (pic2word.yaml) and SEARLE -> evaluate everything and the zero-training
 baselines on the held-out test split -> print the tables (composed retrieval; conditional retrieval,
 plain CLIP vs FocalLens) and write a report page with a few queries and their top results.
@@ -182,29 +182,36 @@ def _combiner_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: 
     return stage1, stage2
 
 
-def _zero_shot_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> tuple[Path, Path, Path]:
-    """LinCIR (captions only), Pic2Word (images only), SEARLE (OTI tokens, then phi distilled)."""
-    from cirlab.train.oti import OTIConfig
-    from cirlab.train.searle_task import searle_quickstart
-
-    common, recipes = _common(cfg, seed), _recipes()
+def _lincir_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> Path:
+    """LinCIR: phi trained from captions alone."""
     print("LinCIR: training phi from captions alone (lincir.yaml)", flush=True)
-    lincir = _fit(recipes / "lincir.yaml", out, "lincir", common + [
+    return _fit(_recipes() / "lincir.yaml", out, "lincir", _common(cfg, seed) + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'texts'}", f"--trainer.max_epochs={cfg['lincir_epochs']}"])
+
+
+def _pic2word_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> Path:
+    """Pic2Word: the mapping network from the world's images alone."""
     print("Pic2Word: the mapping network from the world's images alone (pic2word.yaml)", flush=True)
-    pic2word = _fit(recipes / "pic2word.yaml", out, "pic2word", common + [
+    return _fit(_recipes() / "pic2word.yaml", out, "pic2word", _common(cfg, seed) + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
         f"--model.init_args.cache_dir={out / 'feature_cache'}",
         f"--data.init_args.train={w / 'images'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['p2w_epochs']}"])
+
+
+def _searle_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> Path:
+    """SEARLE: concepts, phrases, OTI tokens of the world's images, then phi distilled from them."""
+    from cirlab.train.oti import OTIConfig
+    from cirlab.train.searle_task import searle_quickstart
+
     print("SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens", flush=True)
     sc = cfg["searle"]
-    searle = searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
-                               max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64, seed=seed),
-                               epochs=sc["epochs"], seed=seed)
-    return lincir, pic2word, Path(searle)
+    return Path(searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
+                                  max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64,
+                                                                              seed=seed),
+                                  epochs=sc["epochs"], seed=seed))
 
 
 def _focallens_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int,
@@ -233,7 +240,8 @@ def _in_log(log: str, fn: Any, *args: Any) -> tuple[Any, float]:
 def _run_branches(out: Path, branches: dict[str, tuple[Any, tuple]]) -> dict[str, Any]:
     """The methods' trainings, independent once the CLIP exists, in two processes side by side (one
     thread each: a tiny model keeps two threads busy only part of the time, two processes fill the
-    gaps); each branch's output goes to out/logs/<branch>.log. Longest branches first."""
+    gaps, and serial parts such as start-up and evaluation overlap); each branch's output goes to
+    out/logs/<branch>.log. Submitted longest first; a process takes the next branch when it is free."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -267,15 +275,16 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     clip = _fit(_recipes() / "clip.yaml", out, "clip", _common(cfg, seed) + [
         f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
         f"--trainer.max_epochs={cfg['clip_epochs']}"])
-    print("[3/5] training every method from that CLIP, in two processes: CLIP4Cir stages 1-2 "
-          "(combiner-stage1.yaml, combiner.yaml) | FocalLens (focallens.yaml), then LinCIR, Pic2Word, SEARLE "
-          "(lincir.yaml, pic2word.yaml, SEARLE's quickstart)", flush=True)
-    done = _run_branches(out, {
-        "combiner": (_combiner_branch, (out, w, clip, cfg, seed)),
-        "focallens": (_focallens_branch, (out, w, clip, cfg, seed, scale)),
-        "zero-shot": (_zero_shot_branch, (out, w, clip, cfg, seed)),
+    print("[3/5] training every method from that CLIP, two at a time in two processes: CLIP4Cir stages 1-2 "
+          "(combiner-stage1.yaml, combiner.yaml), FocalLens (focallens.yaml), LinCIR (lincir.yaml), "
+          "Pic2Word (pic2word.yaml), SEARLE", flush=True)
+    args = (out, w, clip, cfg, seed)
+    done = _run_branches(out, {  # the longest first: each process takes the next when it is free
+        "combiner": (_combiner_branch, args), "focallens": (_focallens_branch, args + (scale,)),
+        "lincir": (_lincir_branch, args), "pic2word": (_pic2word_branch, args), "searle": (_searle_branch, args),
     })
-    (stage1, stage2), (lincir, pic2word, searle), conditional = done["combiner"], done["zero-shot"], done["focallens"]
+    (stage1, stage2), conditional = done["combiner"], done["focallens"]
+    lincir, pic2word, searle = done["lincir"], done["pic2word"], done["searle"]
     print("[4/5] evaluating every model and the baselines on the held-out test split")
     test_set = w / "eval" / "test"
     from cirlab.train.evaluation import shared_galleries
