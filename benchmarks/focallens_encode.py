@@ -6,7 +6,7 @@ conditional arm encodes the instruction once with the frozen text tower, as the 
 evaluation does, then every gallery batch with the 8 extra tokens; the baseline is encode_image on
 the same batches. Arms alternate, best of --repeats each, same process. Goal: ratio <= 1.1.
 
-Run: python -m benchmarks.focallens_encode [--model ViT-B-16 --images 64 --batch 16 --repeats 3]
+Run: python -m benchmarks.focallens_encode [--model ViT-B-16 --images 64 --batch 16 --repeats 3 --conditioning xattn|mean]
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--conditioning", default="xattn", choices=["xattn", "mean"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     bb = Backbone(a.model, freeze_text=True).eval().to(a.device)
-    fl = FocalLens.for_backbone(bb).eval().to(a.device)
+    fl = FocalLens.for_backbone(bb, a.conditioning).eval().to(a.device)
     with torch.no_grad():
         fl.gate.normal_(0, 0.02)
     n_tokens = int(FocalLens.instruction_lengths(bb, bb.tokenize([INSTRUCTION]))[0])
