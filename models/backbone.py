@@ -54,6 +54,14 @@ load_checkpoint_file = load_into_open_clip
 # distinct texts whose token ids a Backbone keeps (~0.8 KB each); past this the table starts afresh
 _TOKEN_CACHE_TEXTS = 32768
 
+
+def hash_state(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+    """Feed every tensor of a state dict (sorted keys: name, dtype, shape, bytes) into the hash `h`."""
+    for key in sorted(state):
+        t = state[key].detach()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
 class Backbone(nn.Module):
     """An open_clip model plus the encoders cirlab's methods need; all features are raw (unnormalised).
 
@@ -391,11 +399,7 @@ class Backbone(nn.Module):
     def fingerprint(self) -> str:
         """sha1 over the model name and every state-dict tensor (sorted keys): the feature-cache key."""
         h = hashlib.sha1(self.model_name.encode())
-        state = self.model.state_dict()
-        for key in sorted(state):
-            t = state[key].detach()
-            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_state(h, self.model.state_dict())
         return h.hexdigest()
 
     def extra_repr(self) -> str:

@@ -112,6 +112,7 @@ class ComposedRetrievalTask(BaseTask):
         Two tasks with the same key encode every gallery image to the same feature."""
         import hashlib
 
+        from cirlab.models.backbone import hash_state
         from cirlab.train.feature_cache import transform_key
 
         fn = type(self).gallery_features
@@ -119,10 +120,7 @@ class ComposedRetrievalTask(BaseTask):
         h.update(transform_key(getattr(dm, "eval_transform", None)).encode())
         h.update(str(self.trainer.precision if self._trainer is not None else "").encode())
         for m in self.gallery_modules():
-            for name, t in sorted(m.state_dict().items()):
-                t = t.detach()
-                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            hash_state(h, m.state_dict())
         return h.hexdigest()
 
     def gallery_frozen(self) -> bool:
