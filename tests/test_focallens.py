@@ -107,6 +107,44 @@ def test_untrained_equals_plain_for_each_conditioning(model, conditioning):
         assert len(fl.cross) == 2 and fl.cross[0].heads == bb.vision_transformer().transformer.resblocks[0].attn.num_heads
 
 
+@pytest.mark.parametrize("n", [3, 40])  # h * n below the width: folded form; above: projected
+def test_cross_attention_equals_torch_multihead_attention(n):
+    # reference: torch's own nn.MultiheadAttention with the same weights and a key padding mask
+    from torch import nn
+
+    from cirlab.models.focallens import CrossAttention
+
+    torch.manual_seed(3)
+    width, heads, b, s = 32, 4, 2, 10
+    cross = CrossAttention(width, heads)
+    with torch.no_grad():
+        for prm in cross.parameters():
+            prm.copy_(torch.randn(prm.shape) * 0.3)
+    x, z = torch.randn(b, s, width), torch.randn(b, n, width)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, n // 2:] = False
+    ref = nn.MultiheadAttention(width, heads, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([cross.q.weight, cross.kv.weight]))
+        ref.in_proj_bias.copy_(torch.cat([cross.q.bias, cross.kv.bias]))
+        ref.out_proj.weight.copy_(cross.out.weight)
+        ref.out_proj.bias.copy_(cross.out.bias)
+    kv = cross.ln_kv(z)
+    want, _ = ref(cross.ln_q(x), kv, kv, key_padding_mask=~valid, need_weights=False)
+    torch.testing.assert_close(cross(x, z, valid), want, atol=1e-5, rtol=1e-5)
+    gate = torch.randn(width)
+    torch.testing.assert_close(cross(x, z, valid, out_scale=gate), want * gate, atol=1e-5, rtol=1e-5)
+    # both forms, and their gradients, agree whichever the size picks
+    bias = torch.zeros(b, n).masked_fill(~valid, float("-inf"))
+    folded = cross._folded(cross.ln_q(x), *cross._keys_values(z), bias)
+    projected = cross._projected(cross.ln_q(x), *cross._keys_values(z), bias)
+    torch.testing.assert_close(folded, projected, atol=1e-5, rtol=1e-5)
+    g_f = torch.autograd.grad(folded.square().sum(), [cross.q.weight, cross.out.weight, cross.kv.weight])
+    g_p = torch.autograd.grad(projected.square().sum(), [cross.q.weight, cross.out.weight, cross.kv.weight])
+    for a, c in zip(g_f, g_p):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_conditioning_is_refused(model):
     with pytest.raises(ValueError, match="conditioning"):
         FocalLens.for_backbone(model[0], "concat")
