@@ -160,6 +160,41 @@ def training_caption(scene: Sequence[Obj], rng: random.Random) -> str:
     return " and ".join(_fact(o, scene, rng) for o in some)
 
 
+def negative_caption(scene: Sequence[Obj], rng_state: Any, positive: str, rng: random.Random,
+                     combos: Sequence[tuple[str, str]]) -> str | None:
+    """A hard negative for CLIP pre-training (NegCLIP): ``positive``'s caption again, with one object's
+    shape swapped; None when no swap changes the words.
+
+    The caption is rebuilt from the same random state (``rng_state``, taken before ``positive`` was
+    drawn), so the frame, order and attributes said are the same and only the shape words differ (a
+    rebuild whose draws diverge is skipped):
+    a colour alone tells the two captions apart no longer, the image feature must carry the shape.
+    The new (colour, shape) is drawn from ``combos`` (the seen ones) and is not in the scene.
+    """
+    scene, allowed = list(scene), set(combos)
+    present = {_combo(o) for o in scene}
+    for i in rng.sample(range(len(scene)), len(scene)):
+        o = scene[i]
+        shapes = [s for s in SHAPES if s != o.shape and (o.colour, s) in allowed and (o.colour, s) not in present]
+        if not shapes:
+            continue
+        swapped = scene[:i] + [o._replace(shape=rng.choice(shapes))] + scene[i + 1:]
+        replay = random.Random()
+        replay.setstate(rng_state)
+        text = training_caption(swapped, replay)
+        if _differs_in_shapes_only(positive, text):
+            return text
+    return None
+
+
+def _differs_in_shapes_only(a: str, b: str) -> bool:
+    """Same words but for shape words (a replay whose draws diverged, "the circle" -> "the red
+    diamond", is no hard negative: more than the shape changed)."""
+    x, y = a.split(), b.split()
+    diff = [(u, v) for u, v in zip(x, y) if u != v]
+    return len(x) == len(y) and bool(diff) and all(u in SHAPES and v in SHAPES for u, v in diff)
+
+
 # Frames of the difference captions (see ``difference_caption``): "{ref}" describes another scene,
 # "{edit}" the change that turns it into the pictured one.
 DIFFERENCE_FRAMES: tuple[str, ...] = (
@@ -381,7 +416,7 @@ class WorldManifest:
 
 
 MANIFEST_NAME = "world.json"
-FOLDERS = {"pairs": "pairs", "pairs_val": "pairs_val", "images": "images", "texts": "texts", "triplets/train": "triplets/train",
+FOLDERS = {"pairs": "pairs", "pairs_val": "pairs_val", "objects": "objects", "images": "images", "texts": "texts", "triplets/train": "triplets/train",
            "instructions": "instructions", "eval/val": "eval/val", "eval/test": "eval/test"}
 
 
@@ -435,13 +470,36 @@ def _prepare_out(out: Path) -> None:
         if not (out / MANIFEST_NAME).is_file():
             raise FileExistsError(f"{out} is not empty and holds no synthetic world; "
                                   "give an empty or new folder to --out")
-        for rel in ("pairs", "pairs_val", "images", "texts", "triplets", "instructions", "eval", MANIFEST_NAME):
+        for rel in ("pairs", "pairs_val", "objects", "images", "texts", "triplets", "instructions", "eval",
+                    MANIFEST_NAME):
             p = out / rel
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def object_caption(o: Obj) -> str:
+    """The label caption of a one-object picture: 'a photo of a red circle' (colour and shape only)."""
+    return f"a photo of a {o.colour} {o.shape}"
+
+
+def _build_objects(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_objects: int,
+                   shard_size: int) -> dict[str, int]:
+    """objects/: one-object pictures captioned with their class, the labelled image set a CLIP warm-up
+    starts from (as real towers start from ImageNet). A batch of scenes is told apart by colours and
+    places alone, so contrastive pre-training on scenes never has to see shape; among pictures of one
+    object, 'a red circle' and 'a red square' differ only by it. Seen combinations only."""
+    rng, nrng = _py_rng(seed, 8), _np_rng(seed, 8)
+
+    def objects() -> Iterator[dict[str, Any]]:
+        for i in range(n_objects):
+            colour, shape = seen[i % len(seen)]  # every class equally often
+            o = Obj(rng.randrange(9), shape, colour, rng.choice(SIZES))
+            yield {"id": f"obj-{i:06d}", "image": _jpeg(render((o,), nrng, image_size)), "text": object_caption(o),
+                   "scene_caption": caption((o,)), "shape": shape, "colour": colour, "size": o.size}
+    return {"objects": write_shards(objects(), out / "objects", "pair", shard_size).total}
 
 
 def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
@@ -451,11 +509,16 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
     ids = [f"train-s{i:06d}" for i in range(n_scenes)]
     first = [_jpeg(render(s, nrng, image_size)) for s in scenes]   # rendering r0 of every scene
-    caps = [training_caption(s, rng) for s in scenes]
+    caps, negatives, neg_rng = [], [], _py_rng(seed, 7)
+    for s in scenes:
+        state = rng.getstate()  # the negative replays the caption's draws (another rng: same world)
+        caps.append(training_caption(s, rng))
+        neg = negative_caption(s, state, caps[-1], neg_rng, seen)
+        negatives.append([] if neg is None else [neg])
 
     # scene_caption: the full caption of what the image shows (the text may say less, or a difference)
-    pairs = ({"id": f"{sid}-r0", "image": img, "text": cap, "scene": sid, "scene_caption": caption(s)}
-             for sid, s, img, cap in zip(ids, scenes, first, caps))
+    pairs = ({"id": f"{sid}-r0", "image": img, "text": cap, "scene": sid, "scene_caption": caption(s),
+              "negatives": neg} for sid, s, img, cap, neg in zip(ids, scenes, first, caps, negatives))
     drng, dnrng = _py_rng(seed, 6), _np_rng(seed, 6)
 
     def difference_pairs() -> Iterator[dict[str, Any]]:
@@ -604,7 +667,7 @@ def _build_eval(out: Path, split: str, stream: int, seed: int, image_size: int, 
 
 def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64, n_train_scenes: int = 4000,
                 n_triplets: int | None = None, n_texts: int | None = None, n_eval_queries: int = 400,
-                n_difference_pairs: int | None = None,
+                n_difference_pairs: int | None = None, n_objects: int | None = None,
                 renders_per_scene: int = 3, n_distractor_scenes: int | None = None,
                 held_out: Sequence[tuple[str, str]] = HELD_OUT, held_out_fraction: float = 0.5,
                 instructions_per_scene: int = 2, shard_size: int = 1000,
@@ -612,7 +675,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     """Write the synthetic world into ``out_dir`` (pairs, images, texts, triplets, instructions, eval sets).
 
     Folders: pairs/ (one caption per training scene), pairs_val/ (held-in validation pairs, n/10,
-    at least 50), images/, texts/, triplets/train/, instructions/, eval/val/, eval/test/, world.json.
+    at least 50), objects/ (one-object pictures captioned with their class, n), images/, texts/,
+    triplets/train/, instructions/, eval/val/, eval/test/, world.json.
     Defaults: 4000 training scenes, 2 triplets and 5 caption-only texts per training scene, 400 val
     and 400 test queries (half of the test queries target a held-out combination), 3 renderings per
     evaluation scene. Same arguments -> byte-identical shard contents.
@@ -628,6 +692,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     n_triplets = 2 * n_train_scenes if n_triplets is None else n_triplets
     n_texts = 5 * n_train_scenes if n_texts is None else n_texts
     n_difference_pairs = n_train_scenes if n_difference_pairs is None else n_difference_pairs
+    n_objects = n_train_scenes if n_objects is None else n_objects
     n_distractors = n_eval_queries // 2 if n_distractor_scenes is None else n_distractor_scenes
     out = Path(out_dir)
     _prepare_out(out)
@@ -638,6 +703,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
                              shard_size, n_difference_pairs))]
     parts += [(_build_eval, (out, split, stream, seed, image_size, n_eval_queries, renders_per_scene, seen, held,
                              held_out_fraction, n_distractors, shard_size)) for split, stream in (("val", 10), ("test", 11))]
+    parts.append((_build_objects, (out, seed, image_size, seen, n_objects, shard_size)))
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if n_train_scenes >= 1000 else 1
     found: dict[str, int] = {}
@@ -652,11 +718,11 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     else:
         for fn, args in parts:
             found.update(fn(*args))
-    order = ["pairs", "pairs_val", "images", "instructions", "triplets/train", "texts"]  # world.json's order
+    order = ["pairs", "pairs_val", "objects", "images", "instructions", "triplets/train", "texts"]  # world.json's order
     counts = {k: found[k] for k in order if k in found}
     counts.update({k: v for k, v in found.items() if k not in counts})
     params = {"n_train_scenes": n_train_scenes, "n_triplets": n_triplets, "n_texts": n_texts,
-              "n_difference_pairs": n_difference_pairs,
+              "n_difference_pairs": n_difference_pairs, "n_objects": n_objects,
               "n_eval_queries": n_eval_queries, "renders_per_scene": renders_per_scene,
               "n_distractor_scenes": n_distractors, "held_out_fraction": held_out_fraction,
               "instructions_per_scene": instructions_per_scene, "shard_size": shard_size}

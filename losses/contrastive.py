@@ -102,7 +102,8 @@ def _one_way(a: Tensor, b_all: Tensor, scale: Tensor | float, labels: Tensor,
 
 def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetric: bool = False,
              gather: bool = True, duplicate_ids: Sequence | Tensor | None = None,
-             gather_with_grad: bool = True) -> Tensor:
+             gather_with_grad: bool = True, hard_negatives: Tensor | None = None,
+             hard_negative_mask: Tensor | None = None) -> Tensor:
     """InfoNCE between row-aligned `query` and `target` features (callers normalise).
 
     Each rank computes its B x (B*world) logits = logit_scale * query @ gathered(target).T with
@@ -116,6 +117,10 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
     Those rows' gradient is scaled by world (the loss value is not) so that DDP's average equals
     the single-process gradient, as in the other mode (the reference's feature gradient is 1/world
     of it, which Adam's normalisation cancels but for eps).
+
+    `hard_negatives` (M, D): extra targets that are no query's positive (NegCLIP's swapped captions),
+    appended to every query's softmax in the query->target direction only, gathered across ranks
+    (every rank the same M); `hard_negative_mask` (M,) bool marks the real ones (False: padding).
     """
     if query.ndim != 2 or target.ndim != 2 or query.shape != target.shape:
         raise ValueError(f"info_nce needs query and target of the same 2-D shape (B, D), got query "
@@ -123,6 +128,8 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
     rank, world = _world()
     if not (gather and world > 1):
         rank, world = 0, 1
+    if hard_negatives is not None and world > 1 and not gather_with_grad:
+        raise ValueError("info_nce: hard_negatives need gather_with_grad=True (the local-loss scheme)")
     if world > 1 and not gather_with_grad:
         return _info_nce_gathered_no_grad(query, target, logit_scale, symmetric, duplicate_ids, world)
     b = query.shape[0]
@@ -133,11 +140,31 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
         ids = _ids_to_tensor(duplicate_ids, b, query.device)
         ids_all = _gather_no_grad(ids) if world > 1 else ids
         same_id = ids[:, None] == ids_all[None, :]
+    if hard_negatives is not None:
+        target_all, same_id = _with_hard_negatives(target_all, same_id, hard_negatives, hard_negative_mask, b, world)
     loss = _one_way(query, target_all, logit_scale, labels, same_id)
     if symmetric:
+        if hard_negatives is not None:  # the other direction ranks queries: the negatives are none of them
+            same_id = same_id[:, : b * world]
         query_all = gather_features(query) if world > 1 else query
         loss = (loss + _one_way(target, query_all, logit_scale, labels, same_id)) / 2
     return loss
+
+
+def _with_hard_negatives(target_all: Tensor, same_id: Tensor | None, negs: Tensor, mask: Tensor | None,
+                         b: int, world: int) -> tuple[Tensor, Tensor | None]:
+    """Targets with the (gathered) hard negatives appended, and the drop mask widened: padding dropped."""
+    if negs.ndim != 2 or negs.shape[1] != target_all.shape[1]:
+        raise ValueError(f"info_nce hard_negatives must be (M, {target_all.shape[1]}), got {tuple(negs.shape)}")
+    mask = torch.ones(negs.shape[0], dtype=torch.bool, device=negs.device) if mask is None else mask.to(negs.device)
+    if mask.shape != (negs.shape[0],):
+        raise ValueError(f"info_nce hard_negative_mask must be ({negs.shape[0]},), got {tuple(mask.shape)}")
+    negs_all = gather_features(negs) if world > 1 else negs
+    mask_all = _gather_no_grad(mask.to(torch.int64)).bool() if world > 1 else mask
+    if same_id is None:
+        same_id = torch.zeros(b, target_all.shape[0], dtype=torch.bool, device=negs.device)
+    drop = torch.cat([same_id, (~mask_all)[None, :].expand(b, -1)], dim=1)
+    return torch.cat([target_all, negs_all]), drop
 
 
 def _info_nce_gathered_no_grad(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetric: bool,

@@ -66,6 +66,30 @@ def test_info_nce_duplicate_ids_masks_same_id_negatives():
     assert sym.item() == pytest.approx(expected_sym, rel=1e-5)
 
 
+def test_info_nce_hard_negatives_join_the_query_side_only():
+    """NegCLIP: each query's softmax also holds the (real) hard negatives; the target->query side does not."""
+    q, t = _feats(b=4, seed=4)
+    g = torch.Generator().manual_seed(5)
+    negs = F.normalize(torch.randn(3, 5, generator=g), dim=1)
+    mask = torch.tensor([True, False, True])  # the middle one is padding
+    scale = 12.0
+    denom_cols = torch.cat([t, negs[[0, 2]]])  # targets, then the real negatives
+    l_qt = _ce_by_hand(scale * q @ denom_cols.T, list(range(4)))
+    l_tq = _ce_by_hand(scale * t @ q.T, list(range(4)))
+    got = info_nce(q, t, scale, symmetric=True, hard_negatives=negs, hard_negative_mask=mask)
+    assert got.item() == pytest.approx((l_qt + l_tq) / 2, rel=1e-5)
+    plain = info_nce(q, t, scale, symmetric=True)
+    assert got.item() > plain.item() + 1e-4  # more negatives: a larger loss
+    # with duplicate ids: same-id columns dropped, the negatives kept
+    ids = ["a", "b", "a", "c"]
+    masked = [[j < 4 and j != i and ids[j] == ids[i] for j in range(6)] for i in range(4)]
+    expected = _ce_by_hand(scale * q @ denom_cols.T, list(range(4)), masked)
+    got = info_nce(q, t, scale, duplicate_ids=ids, hard_negatives=negs, hard_negative_mask=mask)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="hard_negatives must be"):
+        info_nce(q, t, scale, hard_negatives=negs[:, :3])
+
+
 def test_info_nce_all_distinct_ids_equals_plain():
     q, t = _feats(seed=3)
     assert info_nce(q, t, 5.0, duplicate_ids=list(range(6))).item() == pytest.approx(

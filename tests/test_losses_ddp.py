@@ -15,12 +15,14 @@ from cirlab.losses import LogitScale, info_nce
 WORLD = 2
 B_LOCAL = 4
 D_IN, D_OUT = 6, 5
-# (symmetric, learnable scale, duplicate ids); ids repeat across the two ranks' halves on purpose.
+# (symmetric, learnable scale, duplicate ids, hard-negative mask); ids repeat across the two ranks'
+# halves on purpose; the hard negatives come from the target tower, some of them padding.
 CASES = [
-    (False, False, None),
-    (True, True, None),
-    (True, True, ["a", "b", "c", "d", "b", "e", "a", "f"]),
-    (False, False, [0, 1, 2, 3, 4, 1, 6, 0]),
+    (False, False, None, None),
+    (True, True, None, None),
+    (True, True, ["a", "b", "c", "d", "b", "e", "a", "f"], None),
+    (False, False, [0, 1, 2, 3, 4, 1, 6, 0], None),
+    (True, True, ["a", "b", "c", "d", "b", "e", "a", "f"], [True, False, True, True, False, True, True, False]),
 ]
 
 
@@ -40,7 +42,14 @@ class _Pair(nn.Module):
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(WORLD * B_LOCAL, D_IN, generator=g), torch.randn(WORLD * B_LOCAL, D_IN, generator=g)
+    return tuple(torch.randn(WORLD * B_LOCAL, D_IN, generator=g) for _ in range(3))
+
+
+def _loss(model, x, y, z, symmetric, ids, mask):
+    q, t, s = model(x, y)
+    negs = None if mask is None else F.normalize(getattr(model, "module", model).t(z), dim=1)
+    return info_nce(q, t, s, symmetric=symmetric, gather=True, duplicate_ids=ids, hard_negatives=negs,
+                    hard_negative_mask=None if mask is None else torch.tensor(mask))
 
 
 def _grads(model):
@@ -53,14 +62,13 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        x, y = _data()
+        x, y, z = _data()
         sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
         results = []
-        for symmetric, learnable, ids in CASES:
+        for symmetric, learnable, ids, mask in CASES:
             model = nn.parallel.DistributedDataParallel(_Pair(learnable))
-            q, t, s = model(x[sl], y[sl])
-            local_ids = None if ids is None else ids[sl]
-            loss = info_nce(q, t, s, symmetric=symmetric, gather=True, duplicate_ids=local_ids)
+            loss = _loss(model, x[sl], y[sl], z[sl], symmetric, None if ids is None else ids[sl],
+                         None if mask is None else mask[sl])
             loss.backward()  # DDP averages gradients over the ranks
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
@@ -87,11 +95,10 @@ def _free_port() -> int:
 def test_ddp_gathered_info_nce_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    x, y = _data()
-    for c, (symmetric, learnable, ids) in enumerate(CASES):
+    x, y, z = _data()
+    for c, (symmetric, learnable, ids, mask) in enumerate(CASES):
         model = _Pair(learnable)
-        q, t, s = model(x, y)
-        loss = info_nce(q, t, s, symmetric=symmetric, duplicate_ids=ids)
+        loss = _loss(model, x, y, z, symmetric, ids, mask)
         loss.backward()
         ref = _grads(model)
         for r in range(WORLD):

@@ -12,6 +12,7 @@ import pytest
 
 from cirlab.data.retrieval import RetrievalDataModule
 from cirlab.train.baselines import BaselineTask
+from cirlab.train.classify_task import ImageClassificationTask
 from cirlab.train.clip_task import CLIPTask
 from cirlab.train.combiner_task import CombinerConfig, CombinerTask
 from cirlab.train.config import BackboneConfig, EvalConfig, LoraConfig, OptimizerConfig, SchedulerConfig
@@ -38,7 +39,8 @@ def keys(obj) -> set[str]:
 
 
 @pytest.mark.parametrize("obj, title, prefix", [
-    (CLIPTask, "clip_task.CLIPTask", ""), (CombinerTask, "combiner_task.CombinerTask", ""),
+    (CLIPTask, "clip_task.CLIPTask", ""), (ImageClassificationTask, "classify_task.ImageClassificationTask", ""),
+    (CombinerTask, "combiner_task.CombinerTask", ""),
     (LinCIRTask, "lincir_task.LinCIRTask", ""), (BaselineTask, "baselines.BaselineTask", ""),
     (BackboneConfig, "model.init_args.backbone", ""),
     (RetrievalDataModule, "cirlab.data.retrieval.RetrievalDataModule", ""),

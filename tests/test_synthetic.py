@@ -73,6 +73,7 @@ def test_folders_counts_and_manifest(world):
     assert m.counts == world.counts and m.seed == 3 and m.held_out == list(S.HELD_OUT)
     n = SMALL["n_train_scenes"]
     for part, kind, count in [("pairs", "pair", 2 * n), ("pairs_val", "pair", 50), ("images", "image", n),
+                              ("objects", "pair", n),
                               ("texts", "text", 5 * n),
                               ("triplets/train", "triplet", 2 * n), ("instructions", "instruction", None)]:
         idx = read_index(m.path(part))
@@ -142,8 +143,14 @@ def test_held_out_never_in_training_data(world):
     # pairs/ (captions + difference captions) and texts/ hold varied captions; pairs_val/ full ones
     pairs = samples(world.path("pairs"))
     train_texts = [s["txt"] for s in pairs] + [s["txt"] for s in samples(world.path("texts"))]
-    for t in train_texts:
+    negatives = [t for s in pairs for t in s.get("negatives", [])]
+    assert len(negatives) > SMALL["n_train_scenes"] // 2  # most captions have a shape-swapped negative
+    objects = samples(world.path("objects"))
+    for t in train_texts + negatives + [s["txt"] for s in objects]:
         assert not says_held_out(t, held), t
+    for s in objects:  # a one-object picture of a seen class, captioned with it
+        assert (s["colour"], s["shape"]) not in held and s["txt"] == f"a photo of a {s['colour']} {s['shape']}"
+        assert not has_held_out(parse_caption(s["scene_caption"]), held), s
     assert any(" at the " in t and t.count(" a ") >= 2 for t in train_texts)   # full multi-object ones too
     differences = [s["txt"] for s in pairs if s["scene"].startswith("train-d")]
     assert len(differences) == SMALL["n_train_scenes"]
@@ -164,6 +171,30 @@ def test_held_out_never_in_training_data(world):
     for s in samples(world.path("instructions")):
         assert not has_held_out(captions[s["scene"]], held)
         assert not says_held_out(f"{s['instruction'].rstrip('?')} {s['answer']}", held), s
+
+
+def test_negative_captions_swap_one_shape_and_nothing_else(world):
+    """The hard negative of a pair is its caption with the words of one object's shape changed."""
+    shapes = set(S.SHAPES)
+    n = 0
+    for s in samples(world.path("pairs")):
+        for neg in s.get("negatives", []):
+            a, b = s["txt"].split(), neg.split()
+            assert len(a) == len(b) and a != b, (s["txt"], neg)
+            diff = [(x, y) for x, y in zip(a, b) if x != y]
+            assert all(x in shapes and y in shapes for x, y in diff), (s["txt"], neg)
+            assert len({x for x, _ in diff}) == 1, (s["txt"], neg)  # one object's shape, said once or twice
+            n += 1
+    assert n > 0
+    # by hand: a red circle alone, its caption replayed with the circle swapped to a seen shape
+    scene = (S.Obj(0, "circle", "red", "small"),)
+    rng = random.Random(0)
+    state = rng.getstate()
+    pos = S.training_caption(scene, rng)
+    neg = S.negative_caption(scene, state, pos, random.Random(1), [("red", "circle"), ("red", "triangle")])
+    assert neg == pos.replace("circle", "triangle")
+    # no seen shape for the colour: no negative
+    assert S.negative_caption(scene, state, pos, random.Random(1), [("red", "circle")]) is None
 
 
 def test_held_out_appears_in_test_targets_only(world):

@@ -16,13 +16,23 @@ class CLIPTask(BaseTask):
     """Symmetric InfoNCE between image and caption features, gathered across ranks (CLIP).
 
     The temperature is the model's own learnable logit scale (clamped at 100 as in CLIP), or fixed
-    at `init_logit_scale` when `learnable_temperature` is false. Validation on held-out pairs reports
+    at `init_logit_scale` when `learnable_temperature` is false. Identical captions in a batch are
+    not each other's negatives (a labelled set such as the world's objects/ repeats its captions). Validation on held-out pairs reports
     image->text and text->image Recall@1/5 (texts deduplicated: identical captions are one entry).
+
+    `hard_negatives` K > 0 (NegCLIP, Yuksekgonul et al. 2023): the first K captions of each pair's
+    json field `negatives` (false of its image, e.g. one object's shape swapped) join every image's
+    image->text softmax, so the image feature must tell the words that differ. Pairs with fewer are
+    padded and the padding masked; pairs without the field train as plain CLIP.
     """
 
     def __init__(self, backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
                  scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None,
-                 learnable_temperature: bool = True, init_logit_scale: float = 1 / 0.07) -> None:
+                 learnable_temperature: bool = True, init_logit_scale: float = 1 / 0.07,
+                 hard_negatives: int = 0) -> None:
+        if hard_negatives < 0:
+            raise ValueError(f"CLIPTask hard_negatives must be >= 0 (captions per pair), got {hard_negatives}")
+        self.hard_negatives = hard_negatives
         self.learnable_temperature = learnable_temperature
         self.init_logit_scale = init_logit_scale
         super().__init__(backbone, optimizer, scheduler, evaluation)
@@ -48,10 +58,29 @@ class CLIPTask(BaseTask):
         tokens = self.backbone.tokenize(list(batch["text"])).to(self.device)
         img = self.normalize(self.backbone.encode_image(batch["image"]))
         txt = self.normalize(self.backbone.encode_text(tokens))
-        loss = info_nce(img, txt, self.logit_scale(), symmetric=True, gather=True)
+        negs, mask = self._hard_negatives(batch, img.shape[0])
+        loss = info_nce(img, txt, self.logit_scale(), symmetric=True, gather=True,
+                        duplicate_ids=list(batch["text"]), hard_negatives=negs,
+                        hard_negative_mask=mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=img.shape[0])
         return loss
+
+    def _hard_negatives(self, batch: dict[str, Any], b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(B*K, D) features of the pairs' negative captions, padded to K each, and the mask of real ones."""
+        k = self.hard_negatives
+        if k == 0:
+            return None, None
+        texts, real = [], []
+        for negs in batch.get("negatives") or [None] * b:
+            negs = list(negs or [])[:k]
+            texts += negs + [""] * (k - len(negs))
+            real += [True] * len(negs) + [False] * (k - len(negs))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if not any(real) and world == 1:
+            return None, None  # nothing to add (with several ranks each must still join the gather)
+        feats = self.normalize(self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device)))
+        return feats, torch.tensor(real, device=self.device)
 
     # validation on held-out pairs
     def on_validation_epoch_start(self) -> None:
