@@ -416,8 +416,9 @@ class WorldManifest:
 
 
 MANIFEST_NAME = "world.json"
-FOLDERS = {"pairs": "pairs", "pairs_val": "pairs_val", "objects": "objects", "images": "images", "texts": "texts", "triplets/train": "triplets/train",
-           "instructions": "instructions", "eval/val": "eval/val", "eval/test": "eval/test"}
+FOLDERS = {"pairs": "pairs", "pairs_val": "pairs_val", "objects": "objects", "images": "images", "texts": "texts",
+           "triplets/train": "triplets/train", "instructions": "instructions", "eval/val": "eval/val",
+           "eval/test": "eval/test"}
 
 
 def load_world(path: str | os.PathLike) -> WorldManifest:

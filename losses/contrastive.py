@@ -140,19 +140,18 @@ def info_nce(query: Tensor, target: Tensor, logit_scale: Tensor | float, symmetr
         ids = _ids_to_tensor(duplicate_ids, b, query.device)
         ids_all = _gather_no_grad(ids) if world > 1 else ids
         same_id = ids[:, None] == ids_all[None, :]
-    if hard_negatives is not None:
-        target_all, same_id = _with_hard_negatives(target_all, same_id, hard_negatives, hard_negative_mask, b, world)
-    loss = _one_way(query, target_all, logit_scale, labels, same_id)
+    drop = same_id
+    if hard_negatives is not None:  # the query->target direction only: the negatives are no query
+        target_all, drop = _with_hard_negatives(target_all, same_id, hard_negatives, hard_negative_mask, b, world)
+    loss = _one_way(query, target_all, logit_scale, labels, drop)
     if symmetric:
-        if hard_negatives is not None:  # the other direction ranks queries: the negatives are none of them
-            same_id = same_id[:, : b * world]
         query_all = gather_features(query) if world > 1 else query
         loss = (loss + _one_way(target, query_all, logit_scale, labels, same_id)) / 2
     return loss
 
 
 def _with_hard_negatives(target_all: Tensor, same_id: Tensor | None, negs: Tensor, mask: Tensor | None,
-                         b: int, world: int) -> tuple[Tensor, Tensor | None]:
+                         b: int, world: int) -> tuple[Tensor, Tensor]:
     """Targets with the (gathered) hard negatives appended, and the drop mask widened: padding dropped."""
     if negs.ndim != 2 or negs.shape[1] != target_all.shape[1]:
         raise ValueError(f"info_nce hard_negatives must be (M, {target_all.shape[1]}), got {tuple(negs.shape)}")

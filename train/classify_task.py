@@ -36,6 +36,7 @@ class ImageClassificationTask(BaseTask):
             raise CirlabError(f"ImageClassificationTask classes must be 2 or more distinct names, got {classes}",
                               "list each class once under model.init_args.classes")
         self.classes = list(classes)
+        self._index = {c: i for i, c in enumerate(self.classes)}
         self.label_field = label_field
         super().__init__(backbone, optimizer, scheduler, evaluation)
 
@@ -56,8 +57,7 @@ class ImageClassificationTask(BaseTask):
         return {"head": self.head}
 
     def _labels(self, batch: dict[str, Any]) -> torch.Tensor:
-        names = batch.get(self.label_field)
-        index = {c: i for i, c in enumerate(self.classes)}
+        names, index = batch.get(self.label_field), self._index
         if names is None or any(n not in index for n in names):
             bad = "no such field" if names is None else sorted({str(n) for n in names if n not in index})[:5]
             raise CirlabError(f"ImageClassificationTask: samples' {self.label_field!r} must name one of "
