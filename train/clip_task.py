@@ -17,8 +17,9 @@ class CLIPTask(BaseTask):
 
     The temperature is the model's own learnable logit scale (clamped at 100 as in CLIP), or fixed
     at `init_logit_scale` when `learnable_temperature` is false. Identical captions in a batch are
-    not each other's negatives (a labelled set such as the world's objects/ repeats its captions). Validation on held-out pairs reports
-    image->text and text->image Recall@1/5 (texts deduplicated: identical captions are one entry).
+    not each other's negatives (a labelled set such as the world's objects/ repeats its captions).
+    Validation on held-out pairs reports image->text and text->image Recall@1/5 (texts deduplicated:
+    identical captions are one entry).
 
     `hard_negatives` K > 0 (NegCLIP, Yuksekgonul et al. 2023): the first K captions of each pair's
     json field `negatives` (false of its image, e.g. one object's shape swapped) join every image's
