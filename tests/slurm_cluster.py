@@ -143,14 +143,20 @@ class LocalSlurm:
                                                       "NODE_FAIL", "OUT_OF_MEMORY")) -> list[dict[str, str]]:
         """Wait until every task of a job reached a final state; returns their records."""
         deadline = time.monotonic() + timeout
+        held_since: dict[str, float] = {}
         while time.monotonic() < deadline:
             recs = self.jobs(job_id)
             if recs and all(r.get("JobState") in done for r in recs):
                 return recs
-            for rec in recs:  # a requeued job waits ~2 min (BeginTime); an admin may release it at once
+            for rec in recs:  # a requeued job waits ~2 min (BeginTime); an admin may release it sooner,
+                # but not at once: released within ~1 s, slurmctld re-allocates the node while slurmd
+                # still tears the old run down, and kills the relaunch ("Job credential revoked",
+                # job FAILED). After KillWait (5 s) plus a margin the old run is gone.
                 if rec.get("JobState") == "PENDING" and rec.get("Reason") == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={rec['JobId']}", "StartTime=now"],
-                                   capture_output=True, env=self.env)
+                    since = held_since.setdefault(rec["JobId"], time.monotonic())
+                    if time.monotonic() - since >= 8.0:
+                        subprocess.run(["scontrol", "update", f"JobId={rec['JobId']}", "StartTime=now"],
+                                       capture_output=True, env=self.env)
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} not done after {timeout} s: {self.jobs(job_id)}")
 
