@@ -347,6 +347,29 @@ def questions(scene: Scene, rng: random.Random, k: int) -> list[tuple[str, str, 
     return rng.sample(cands, min(k, len(cands)))
 
 
+NO_ANSWER = "none"  # the answer to a question about something the scene does not hold
+
+
+def absent_question(scene: Scene, rng: random.Random) -> tuple[str, str, str] | None:
+    """A question about a shape or colour the scene does not hold, answered ``NO_ANSWER``.
+
+    ("what colour is the triangle?" of a scene without a triangle.) A conditional encoder asked
+    only questions that apply never learns what to answer when one does not, yet in a conditional
+    gallery most images lack the object a question names (docs/focallens-synthetic.md). Says one
+    shape or one colour, never both: no (colour, shape) combination, held out or not, is said.
+    """
+    shapes = [sh for sh in SHAPES if sh not in {o.shape for o in scene}]
+    colours = [c for c in COLOURS if c not in {o.colour for o in scene}]
+    options = ([("colour", f"what colour is the {sh}?") for sh in shapes]
+               + [("size", f"what size is the {sh}?") for sh in shapes]
+               + [("shape", f"what shape is the {c} object?") for c in colours])
+    if not options:
+        return None
+    kind = rng.choice(sorted({k for k, _ in options}))  # types first, as the conditional sets draw them
+    qtype, q = rng.choice([o for o in options if o[0] == kind])
+    return qtype, q, NO_ANSWER
+
+
 # ----------------------------------------------------------------------------- rendering
 _BACKGROUND = 232
 _RADIUS = {"small": 0.19, "large": 0.32}   # fraction of a cell; extents stay inside the cell
@@ -505,7 +528,7 @@ def _build_objects(out: Path, seed: int, image_size: int, seen: list[tuple[str, 
 
 def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
                  n_texts: int, instructions_per_scene: int, shard_size: int,
-                 n_difference_pairs: int = 0) -> dict[str, int]:
+                 n_difference_pairs: int = 0, absent_question_fraction: float = 0.0) -> dict[str, int]:
     rng, nrng = _py_rng(seed, 1), _np_rng(seed, 1)
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
     ids = [f"train-s{i:06d}" for i in range(n_scenes)]
@@ -547,12 +570,17 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
     images = ({"id": f"{sid}-r0", "image": img, "scene": sid} for sid, img in zip(ids, first))
     counts["images"] = write_shards(images, out / "images", "image", shard_size).total
 
-    qrng = _py_rng(seed, 2)
+    qrng, arng = _py_rng(seed, 2), _py_rng(seed, 9)
 
     def instructions() -> Iterator[dict[str, Any]]:
         for sid, scene, img in zip(ids, scenes, first):
             for j, (qtype, q, a) in enumerate(questions(scene, qrng, instructions_per_scene)):
                 yield {"id": f"{sid}-r0-q{j}", "image": img, "instruction": q, "answer": a,
+                       "image_id": f"{sid}-r0", "question_type": qtype, "scene": sid}
+            # its own stream: the applicable questions above do not depend on the fraction
+            if arng.random() < absent_question_fraction and (absent := absent_question(scene, arng)):
+                qtype, q, a = absent
+                yield {"id": f"{sid}-r0-n0", "image": img, "instruction": q, "answer": a,
                        "image_id": f"{sid}-r0", "question_type": qtype, "scene": sid}
     counts["instructions"] = write_shards(instructions(), out / "instructions", "instruction", shard_size).total
 
@@ -671,7 +699,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
                 n_difference_pairs: int | None = None, n_objects: int | None = None,
                 renders_per_scene: int = 3, n_distractor_scenes: int | None = None,
                 held_out: Sequence[tuple[str, str]] = HELD_OUT, held_out_fraction: float = 0.5,
-                instructions_per_scene: int = 2, shard_size: int = 1000,
+                instructions_per_scene: int = 2, absent_question_fraction: float = 0.5, shard_size: int = 1000,
                 workers: int | None = None) -> WorldManifest:
     """Write the synthetic world into ``out_dir`` (pairs, images, texts, triplets, instructions, eval sets).
 
@@ -680,7 +708,9 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     triplets/train/, instructions/, eval/val/, eval/test/, world.json.
     Defaults: 4000 training scenes, 2 triplets and 5 caption-only texts per training scene, 400 val
     and 400 test queries (half of the test queries target a held-out combination), 3 renderings per
-    evaluation scene. Same arguments -> byte-identical shard contents.
+    evaluation scene; instructions/ holds 2 questions per scene that apply to it and, for that fraction
+    of the scenes (`absent_question_fraction`, 0.5), one about a shape or colour it lacks, answered
+    "none" (`absent_question`). Same arguments -> byte-identical shard contents.
 
     ``workers``: processes writing the parts side by side (each part draws from its own random
     streams, so the bytes do not depend on it); default 2 from 1000 training scenes on, else 1.
@@ -689,6 +719,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     held = _validate(held_out, image_size, renders_per_scene, n_train_scenes, n_eval_queries)
     if not 0.0 <= held_out_fraction <= 1.0:
         raise ValueError(f"held_out_fraction={held_out_fraction} must lie in [0, 1]")
+    if not 0.0 <= absent_question_fraction <= 1.0:
+        raise ValueError(f"absent_question_fraction={absent_question_fraction} must lie in [0, 1]")
     seen = [c for c in ALL_COMBOS if c not in held]
     n_triplets = 2 * n_train_scenes if n_triplets is None else n_triplets
     n_texts = 5 * n_train_scenes if n_texts is None else n_texts
@@ -701,7 +733,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     # (function, arguments) of every part, the heaviest first; each writes its own folders
     parts = [(_build_triplets, (out, seed, image_size, seen, n_train_scenes, n_triplets, shard_size)),
              (_build_train, (out, seed, image_size, seen, n_train_scenes, n_texts, instructions_per_scene,
-                             shard_size, n_difference_pairs))]
+                             shard_size, n_difference_pairs, absent_question_fraction))]
     parts += [(_build_eval, (out, split, stream, seed, image_size, n_eval_queries, renders_per_scene, seen, held,
                              held_out_fraction, n_distractors, shard_size)) for split, stream in (("val", 10), ("test", 11))]
     parts.append((_build_objects, (out, seed, image_size, seen, n_objects, shard_size)))
@@ -726,7 +758,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
               "n_difference_pairs": n_difference_pairs, "n_objects": n_objects,
               "n_eval_queries": n_eval_queries, "renders_per_scene": renders_per_scene,
               "n_distractor_scenes": n_distractors, "held_out_fraction": held_out_fraction,
-              "instructions_per_scene": instructions_per_scene, "shard_size": shard_size}
+              "instructions_per_scene": instructions_per_scene,
+              "absent_question_fraction": absent_question_fraction, "shard_size": shard_size}
     manifest = WorldManifest(out, seed, image_size, held, counts, params, dict(FOLDERS))
     (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
     manifest.seconds = time.perf_counter() - t0

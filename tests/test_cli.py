@@ -22,7 +22,7 @@ def _run(*args, timeout=180):
 def test_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for cmd in ("fit", "validate", "test", "data", "evaluate", "retrieve", "import", "demo"):
+    for cmd in ("fit", "validate", "test", "data", "evaluate", "retrieve", "import", "demo", "demo-focallens"):
         assert f"\n  {cmd}" in out
 
 

@@ -51,7 +51,7 @@ def test_vit_b16_untrained_equals_plain():
         plain = bb.encode_image(img)
     got = fl(bb, img, ["focus on the colour of the car", "what is on the table"]).detach()  # computed path
     torch.testing.assert_close(got, plain, atol=5e-6, rtol=0)  # float rounding of the masked attention
-    assert fl.gate.shape == (12, 768) and fl.instruction_proj.weight.shape == (768, 512)
+    assert fl.gate.shape == (13, 768) and fl.instruction_proj.weight.shape == (768, 512)
 
 
 def test_instructions_differ_and_padding_is_invariant(model):
@@ -104,7 +104,7 @@ def test_untrained_equals_plain_for_each_conditioning(model, conditioning):
     torch.testing.assert_close(got, plain, atol=1e-6, rtol=0)
     assert (conditioning == "xattn") == hasattr(fl, "cross")
     if conditioning == "xattn":
-        assert len(fl.cross) == 2 and fl.cross[0].heads == bb.vision_transformer().transformer.resblocks[0].attn.num_heads
+        assert len(fl.cross) == 3 and fl.cross[0].heads == bb.vision_transformer().transformer.resblocks[0].attn.num_heads
 
 
 @pytest.mark.parametrize("n", [3, 40])  # h * n below the width: folded form; above: projected
@@ -228,3 +228,30 @@ def test_lora_vision_tower():
 def test_resnet_is_refused():
     with pytest.raises(NotImplementedError, match="VisionTransformer"):
         FocalLens.for_backbone(Backbone("cirlab-tiny-rn"))
+
+
+def test_the_point_before_the_first_block_conditions_the_blocks(model):
+    # gate[0] alone open: the instruction enters before block 0 (both paths agree), and the image
+    # tokens' attention in the blocks then works on instruction-aware tokens
+    bb, _ = model
+    fl = FocalLens.for_backbone(bb)
+    _open_cross(fl)
+    assert fl.gate.shape[0] == len(bb.vision_transformer().transformer.resblocks) + 1
+    with torch.no_grad():
+        fl.gate[0].fill_(0.5)
+    img = _images(2)
+    instr, lengths = fl.encode_instructions(bb, ["what colour is the circle?", "how many objects are there?"])
+    vit = bb.vision_transformer()
+    x, z = vit._embeds(img), vit.ln_pre(instr)
+    valid = (torch.arange(z.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    weights = (valid / valid.sum(1, keepdim=True)).unsqueeze(-1)
+    with torch.no_grad():
+        fast = fl.encode_images(bb, img, instr, lengths)
+        torch.testing.assert_close(fast, fl._conditioned_masked(vit, x, z, weights), atol=1e-5, rtol=1e-5)
+        # by hand: add the gated cross-attention to the embedded tokens, then the plain ViT
+        h = x + fl.cross[0](x, z, valid > 0) * 0.5
+        for block in vit.transformer.resblocks:
+            h = block(h)
+        pooled, _ = vit._pool(h)
+        torch.testing.assert_close(fast, pooled @ vit.proj, atol=1e-5, rtol=1e-5)
+    assert (fast - bb.encode_image(img)).abs().max() > 1e-3

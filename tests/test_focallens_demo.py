@@ -1,5 +1,6 @@
 """The demo's conditional-retrieval table: run_focallens_demo at its fast scale (a few steps)."""
 
+import json
 import math
 
 import pytest
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from cirlab.errors import CirlabError
 from cirlab.models import Backbone
+from cirlab.train.cli import main
 from cirlab.train.focallens_demo import BASELINE_ROW, FOCALLENS_ROW, run_focallens_demo
 
 
@@ -21,8 +23,12 @@ def clip_export(tmp_path_factory):
     return out
 
 
-def test_fast_demo_returns_both_rows(small_world, clip_export, tmp_path):
-    rows = run_focallens_demo(small_world.root, tmp_path / "fl", clip_export, seed=0, scale="fast")
+def test_fast_demo_returns_both_rows(small_world, clip_export, tmp_path, capsys):
+    # through the command a user runs after `make demo` (cirlab demo-focallens), at the smoke scale
+    assert main(["demo-focallens", "--world", str(small_world.root), "--clip", str(clip_export),
+                 "--out", str(tmp_path / "fl"), "--scale", "fast"]) == 0
+    assert "plain CLIP vs FocalLens (fast)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "fl" / "results_conditional.json").read_text())
     assert list(rows) == [BASELINE_ROW, FOCALLENS_ROW]
     for m in rows.values():
         assert {"mAP@10", "R@1", "R@5", "R@10", "A-R@1"} <= set(m)

@@ -81,7 +81,7 @@ def test_folders_counts_and_manifest(world):
         assert idx.total == m.counts[part]
         if count is not None:
             assert idx.total == count
-    assert n <= m.counts["instructions"] <= 2 * n
+    assert n <= m.counts["instructions"] <= 3 * n  # 1-2 that apply + one "none" for about half the scenes
     with pytest.raises(KeyError, match="no part"):
         m.path("nope")
     for split in ("val", "test"):
@@ -288,6 +288,42 @@ def test_questions_are_unambiguous_and_correct():
                 assert a == ("top left" if "red" in q else "center")
             if qtype == "size":
                 assert a == ("small" if "red" in q else "large")
+
+
+def test_absent_questions_name_what_the_scene_lacks():
+    rng = random.Random(0)
+    scene = S.canonical([S.Obj(0, "circle", "red", "small"), S.Obj(4, "square", "blue", "large")])
+    asked = {S.absent_question(scene, rng) for _ in range(300)}
+    # by hand: the two missing shapes (colour and size questions) and the four missing colours
+    want = {(t, f"what {t} is the {sh}?", "none") for t in ("colour", "size") for sh in ("triangle", "diamond")}
+    want |= {("shape", f"what shape is the {c} object?", "none") for c in ("green", "yellow", "purple", "orange")}
+    assert asked == want
+    every_shape = S.canonical([S.Obj(i, sh, c, "small") for i, (sh, c) in enumerate(zip(S.SHAPES, S.COLOURS))])
+    assert {S.absent_question(every_shape, rng)[0] for _ in range(100)} == {"shape"}
+    every_colour = S.canonical([S.Obj(i, sh, c, "small") for i, (sh, c) in
+                                enumerate(zip(S.SHAPES + S.SHAPES[:2], S.COLOURS))])
+    assert S.absent_question(every_colour, rng) is None  # nothing is missing: no question
+
+
+def test_world_absent_questions(world, tmp_path):
+    # about half the scenes get one, about something their full caption never mentions
+    caption_of = {s["scene"]: s["scene_caption"] for s in samples(world.path("pairs"))}
+    rows = samples(world.path("instructions"))
+    absent = [s for s in rows if s["answer"] == "none"]
+    n = SMALL["n_train_scenes"]
+    assert 0.25 * n < len(absent) < 0.75 * n and len({s["scene"] for s in absent}) == len(absent)
+    for s in absent:
+        named = re.match(r"what (?:colour|size) is the (\w+)\?|what shape is the (\w+) object\?", s["instruction"])
+        assert named, s["instruction"]
+        word, said = named.group(1) or named.group(2), caption_of[s["scene"]].split()
+        assert word not in said and f"{word}s" not in said, s
+    # the applicable questions do not depend on the fraction (their own random stream)
+    m = S.build_world(tmp_path / "w", seed=3, absent_question_fraction=0.0, **SMALL)
+    def fields(rs):  # not the shard names: fewer rows fill the shards differently
+        return [(r["id"], r["instruction"], r["answer"], r["jpg"].tobytes()) for r in rs]
+    assert fields(r for r in rows if r["answer"] != "none") == fields(samples(m.path("instructions")))
+    with pytest.raises(ValueError, match="absent_question_fraction"):
+        S.build_world(tmp_path / "x", absent_question_fraction=1.5)
 
 
 # ----------------------------------------------------------------------------- rendering

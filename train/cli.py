@@ -34,6 +34,7 @@ cirlab commands:
   recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
   slurm      render and submit sbatch jobs for a recipe: cirlab slurm submit -c RECIPE --nodes 2 ...
   demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
+  demo-focallens  after `cirlab demo`: FocalLens trained 8x longer on its world -> conditional table
 
 Options of every command: --debug (show the traceback of an error).
 Recipe keys: docs/recipes.md.
@@ -51,6 +52,7 @@ COMMANDS: dict[str, str] = {
     "export": "cirlab.train.commands:export_cli",
     "recipes": "cirlab.train.recipes:recipes_cli",
     "demo": "cirlab.train.demo:demo_cli",
+    "demo-focallens": "cirlab.train.focallens_demo:focallens_demo_cli",
     "slurm": "cirlab.train.slurm:slurm_cli",
 }
 

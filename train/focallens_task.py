@@ -34,7 +34,7 @@ class FocalLensTask(ConditionalEmbeddingTask):
     starts at exactly zero opens by about one learning rate per Adam step, so at a fine-tuning rate
     it stays nearly shut for hundreds of steps (and the projection, whose gradient goes through it, learns nothing).
     `conditioning` (models/focallens.py): "xattn" (default) lets every image token attend to the instruction
-    tokens after each block; "mean" adds the mean instruction token to every image token (the first design).
+    tokens before the first block and after each block; "mean" adds the mean instruction token to every image token (the first design).
     """
 
     # the conditioned path calls the ViT's blocks piece by piece (models/focallens.py, _split_block)
