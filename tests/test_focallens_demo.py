@@ -27,7 +27,7 @@ def test_fast_demo_returns_both_rows(small_world, clip_export, tmp_path, capsys)
     # through the command a user runs after `make demo` (cirlab demo-focallens), at the smoke scale
     assert main(["demo-focallens", "--world", str(small_world.root), "--clip", str(clip_export),
                  "--out", str(tmp_path / "fl"), "--scale", "fast"]) == 0
-    assert "plain CLIP vs FocalLens (fast)" in capsys.readouterr().out
+    assert "plain CLIP vs FocalLens (fast, " in capsys.readouterr().out
     rows = json.loads((tmp_path / "fl" / "results_conditional.json").read_text())
     assert list(rows) == [BASELINE_ROW, FOCALLENS_ROW]
     for m in rows.values():

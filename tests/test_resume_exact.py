@@ -163,6 +163,17 @@ def _wandb_run(path: Path) -> tuple[str, list[int]]:
     return run_id, steps
 
 
+def _wandb_run_when_written(path: Path, timeout: float = 30.0) -> tuple[str, list[int]]:
+    """`_wandb_run` once the file holds its run record: wandb's service process may still be writing
+    the file after `wandb.finish()` returns (seen once on a loaded machine: no run record yet)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (found := _wandb_run(path))[0] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
 @pytest.mark.slow
 def test_wandb_continues_the_same_run_after_a_requeue(triplets, tmp_path, monkeypatch):
     import wandb
@@ -183,7 +194,7 @@ def test_wandb_continues_the_same_run_after_a_requeue(triplets, tmp_path, monkey
     wandb.finish()
     files = sorted((runs / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2, files  # offline wandb writes one folder per process, both named by the run id
-    (first_id, first), (second_id, second) = (_wandb_run(f) for f in files)
+    (first_id, first), (second_id, second) = (_wandb_run_when_written(f) for f in files)
     assert first_id == second_id == f"slurm-{JOB}"
     assert all(f.name == f"run-slurm-{JOB}.wandb" for f in files)
     # the requeued job's rows continue after the preempted job's (Lightning's x-axis is the global step)
@@ -223,7 +234,7 @@ def test_cirlab_fit_ckpt_path_continues_the_wandb_run(tmp_path, monkeypatch):
     wandb.finish()
     files = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2
-    (id_a, steps_a), (id_b, steps_b) = (_wandb_run(f) for f in files)
+    (id_a, steps_a), (id_b, steps_b) = (_wandb_run_when_written(f) for f in files)
     assert first_id == second_id == id_a == id_b
     assert steps_a == [0, 1] and steps_b == [2, 3], (steps_a, steps_b)
 
