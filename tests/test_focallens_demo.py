@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from cirlab.errors import CirlabError
 from cirlab.models import Backbone
 from cirlab.train.cli import main
-from cirlab.train.focallens_demo import BASELINE_ROW, FOCALLENS_ROW, run_focallens_demo
+from cirlab.train.focallens_demo import BASELINE_ROW, FOCALLENS_ROW, run_focallens_demo, shape_aware_clip
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +46,8 @@ def test_bad_inputs_are_clear_errors(small_world, clip_export, tmp_path):
         run_focallens_demo(small_world.root, tmp_path / "o", tmp_path, scale="fast")
     with pytest.raises(CirlabError, match="scale"):
         run_focallens_demo(small_world.root, tmp_path / "o", clip_export, scale="huge")
+    # the command refuses a world without instructions/ before it pre-trains anything
+    assert main(["demo-focallens", "--world", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(CirlabError, match="objects/"):
+        shape_aware_clip(tmp_path, tmp_path / "o")

@@ -58,10 +58,7 @@ def run_focallens_demo(world_root: str | Path, out: str | Path, clip_export_dir:
         raise CirlabError(f"unknown FocalLens demo scale {scale!r}", f"use one of {', '.join(SCALES)}")
     cfg = SCALES[scale]
     world, out = Path(world_root), Path(out)
-    instructions = world / "instructions"
-    if not (instructions / "index.json").is_file():
-        raise CirlabError(f"{world} holds no instruction shards (instructions/index.json)",
-                          "pass the folder written by cirlab.data.synthetic.build_world")
+    instructions = _instructions_of(world)
     pretrained = exported_backbone(clip_export_dir)  # a clear error when the export is missing
     t0 = time.perf_counter()
 
@@ -91,6 +88,14 @@ def run_focallens_demo(world_root: str | Path, out: str | Path, clip_export_dir:
     }
     print(f"FocalLens demo: {time.perf_counter() - t0:.0f} s (conditional set of {len(cset.queries)} queries)")
     return rows
+
+
+def _instructions_of(world: Path) -> Path:
+    instructions = world / "instructions"
+    if not (instructions / "index.json").is_file():
+        raise CirlabError(f"{world} holds no instruction shards (instructions/index.json)",
+                          "pass the folder written by cirlab.data.synthetic.build_world")
+    return instructions
 
 
 def _image_size(world: Path) -> int:
@@ -142,6 +147,7 @@ def focallens_demo_command(world: str = "demo_out/world", out: str = "demo_out/f
     from cirlab.train.demo import print_table
 
     t0 = time.perf_counter()
+    _instructions_of(Path(world))  # before minutes of CLIP pre-training, not after
     export = Path(clip) if clip else shape_aware_clip(world, out, seed)
     rows = run_focallens_demo(world, out, export, seed=seed, scale=scale)
     minutes = (time.perf_counter() - t0) / 60
