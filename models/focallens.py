@@ -170,12 +170,18 @@ class FocalLens(nn.Module):
         split = all(_splittable(b) for b in stack.resblocks)
         if not split:  # e.g. LoRA-wrapped attention: one sequence with the (S, S) mask, same model
             return self._conditioned_masked(vit, x, z, weights)
+        s = x.shape[1]
         x = x + self.inject(0, x, z, weights)
         for layer, block in enumerate(stack.resblocks):
+            # one (B, S + n, W) sequence, image tokens first: the blocks' linear layers and MLP see
+            # one large matrix instead of a second one of B * n rows (small products run far below
+            # the large ones' rate: +14 % of the linear time for 4 % more rows, measured)
+            seq = torch.cat([x, z], dim=1)
             if stack.grad_checkpointing and torch.is_grad_enabled():
-                x, z = checkpoint(_split_block, block, x, z, use_reentrant=False)
+                seq = checkpoint(_split_block, block, seq, s, use_reentrant=False)
             else:
-                x, z = _split_block(block, x, z)
+                seq = _split_block(block, seq, s)
+            x, z = seq[:, :s], seq[:, s:]
             x = x + self.inject(layer + 1, x, z, weights)
         return _pool_project(vit, x)
 
@@ -281,29 +287,28 @@ def _splittable(block: nn.Module) -> bool:
             and not hasattr(block, "ln_1_kv") and all(hasattr(block, m) for m in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
 
 
-def _split_block(block: nn.Module, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One residual block over image tokens x (B, S, W) and instruction tokens z (B, n, W), kept apart.
+def _split_block(block: nn.Module, seq: torch.Tensor, s: int) -> torch.Tensor:
+    """One residual block over seq (B, S + n, W): S image tokens, then n instruction tokens.
 
     Image tokens never attend to instruction tokens, so their attention is the plain ViT's, unmasked
     (PyTorch's fused kernels); each instruction token attends to every image token and to itself,
     computed from the same projections (its n queries against S + 1 keys: small next to S x S).
+    The projections and the MLP run over the whole sequence at once.
     """
     attn = block.attn
-    b, s, w = x.shape
-    n, heads = z.shape[1], attn.num_heads
+    b, t, w = seq.shape
+    heads = attn.num_heads
     d = w // heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
-    qz, kz, vz = F.linear(block.ln_1(z), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, w)
-    scale = d ** -0.5
-    logits = torch.cat([qz @ k.transpose(-1, -2), (qz * kz).sum(-1, keepdim=True)], dim=-1) * scale  # (b, h, n, s+1)
+    q, k, v = F.linear(block.ln_1(seq), attn.in_proj_weight, attn.in_proj_bias).view(b, t, 3, heads, d).permute(2, 0, 3, 1, 4)
+    qi, ki, vi = q[:, :, :s], k[:, :, :s], v[:, :, :s]
+    qz, kz, vz = q[:, :, s:], k[:, :, s:], v[:, :, s:]
+    o = F.scaled_dot_product_attention(qi, ki, vi)
+    logits = torch.cat([qz @ ki.transpose(-1, -2), (qz * kz).sum(-1, keepdim=True)], dim=-1) * d ** -0.5  # (b, h, n, s+1)
     p = logits.softmax(dim=-1)
-    oz = (p[..., :s] @ v + p[..., s:] * vz).transpose(1, 2).reshape(b, n, w)
-    x = x + block.ls_1(attn.out_proj(o))
-    z = z + block.ls_1(attn.out_proj(oz))
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    z = z + block.ls_2(block.mlp(block.ln_2(z)))
-    return x, z
+    oz = p[..., :s] @ vi + p[..., s:] * vz
+    o = torch.cat([o, oz], dim=2).transpose(1, 2).reshape(b, t, w)
+    seq = seq + block.ls_1(attn.out_proj(o))
+    return seq + block.ls_2(block.mlp(block.ln_2(seq)))
 
 
 def instruction_tokens(backbone: Backbone, instructions: Sequence[str] | torch.Tensor) -> torch.Tensor:
