@@ -134,6 +134,9 @@ def test_cross_attention_equals_torch_multihead_attention(n):
     torch.testing.assert_close(cross(x, z, valid), want, atol=1e-5, rtol=1e-5)
     gate = torch.randn(width)
     torch.testing.assert_close(cross(x, z, valid, out_scale=gate), want * gate, atol=1e-5, rtol=1e-5)
+    # the residual fused into the last product (the output bias spread over the heads' values)
+    res = torch.randn(b, s, width)
+    torch.testing.assert_close(cross(x, z, valid, out_scale=gate, residual=res), res + want * gate, atol=1e-5, rtol=1e-5)
     # both forms, and their gradients, agree whichever the size picks
     bias = torch.zeros(b, n).masked_fill(~valid, float("-inf"))
     folded = cross._folded(cross.ln_q(x), *cross._keys_values(z), bias)
