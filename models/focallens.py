@@ -27,8 +27,9 @@ adapter). On the synthetic world (docs/focallens-synthetic.md) "xattn" gave +1.3
 "mean" (two seeds) with the text tower training, and nothing with it frozen; the point before the
 first block (so that both blocks of the 2-layer demo ViT work on instruction-aware tokens) gave +4.
 
-Since inside the blocks image tokens never look at instruction tokens, the two are kept as separate sequences
-(`_split_block`): the image tokens' attention is the plain ViT's, without a mask, so it keeps
+Since inside the blocks image tokens never look at instruction tokens, only the attention is split
+(`_split_block`; the blocks' linear layers and MLP see one [image, instruction] sequence, one large
+product): the image tokens' attention is the plain ViT's, without a mask, so it keeps
 PyTorch's fused attention kernels, and the n instruction queries attend to the S image keys plus
 their own (n x (S + 1) scores, small next to S x S). The result equals open_clip's own blocks run
 on one [class, instruction, patches] sequence under an (S, S) mask (`_conditioned_masked`, kept for
