@@ -31,9 +31,10 @@ Since inside the blocks image tokens never look at instruction tokens, only the 
 (`_split_block`; the blocks' linear layers and MLP see one [image, instruction] sequence, one large
 product): the image tokens' attention is the plain ViT's, without a mask, so it keeps
 PyTorch's fused attention kernels, and the n instruction queries attend to the S image keys plus
-their own (a second, masked call of n queries: small next to S x S). The result equals open_clip's own blocks run
-on one [class, instruction, patches] sequence under an (S, S) mask (`_conditioned_masked`, kept for
-blocks whose attention is not a plain nn.MultiheadAttention, e.g. LoRA-wrapped).
+their own (a second, masked call of n queries: small next to S x S). The result equals open_clip's
+own blocks run on one [class, instruction, patches] sequence under an (S, S) mask
+(`_conditioned_masked`, kept for blocks whose attention is not a plain nn.MultiheadAttention, e.g.
+LoRA-wrapped).
 """
 
 from __future__ import annotations
@@ -314,13 +315,15 @@ def _split_block(block: nn.Module, seq: torch.Tensor, s: int) -> torch.Tensor:
     attn = block.attn
     b, t, w = seq.shape
     heads = attn.num_heads
-    q, k, v = F.linear(block.ln_1(seq), attn.in_proj_weight, attn.in_proj_bias).view(b, t, 3, heads, w // heads).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(block.ln_1(seq), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, t, 3, heads, w // heads).permute(2, 0, 3, 1, 4)
     # two calls write one (B, S + n, h, d) output: the image rows unmasked, as in the plain ViT (same
     # kernel, same rounding), the n instruction rows over all keys under their (n, S + n) mask; no
     # sliced copies of the keys/values and no concatenation (1.6-1.8x faster attention, measured)
     o = q.new_empty(b, t, heads, w // heads)
     o[:, :s] = F.scaled_dot_product_attention(q[:, :, :s], k[:, :, :s], v[:, :, :s]).transpose(1, 2)
-    o[:, s:] = F.scaled_dot_product_attention(q[:, :, s:], k, v, attn_mask=_instruction_mask(s, t - s, seq.device)).transpose(1, 2)
+    mask = _instruction_mask(s, t - s, seq.device)
+    o[:, s:] = F.scaled_dot_product_attention(q[:, :, s:], k, v, attn_mask=mask).transpose(1, 2)
     o = o.view(b, t, w)
     seq = seq + block.ls_1(attn.out_proj(o))
     return seq + block.ls_2(block.mlp(block.ln_2(seq)))
