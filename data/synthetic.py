@@ -218,7 +218,18 @@ def difference_caption(ref: Sequence[Obj], edit_text: str, rng: random.Random) -
     pre-training corpus with such captions is what lets a CLIP text tower compose a description
     with a change, the ability zero-shot composed retrieval (LinCIR, Pic2Word, SEARLE) relies on.
     """
-    return rng.choice(DIFFERENCE_FRAMES).format(ref=scene_description(ref, rng), edit=edit_text)
+    frame, description = difference_caption_parts(ref, rng)
+    return frame.format(ref=description, edit=edit_text)
+
+
+def difference_caption_parts(ref: Sequence[Obj], rng: random.Random) -> tuple[str, str]:
+    """The frame ("... {ref} ... {edit}") and the reference's description of one difference caption.
+
+    Kept apart so that pre-training can also give the reference as one dense token (CLIPTask's
+    `dense_references`): the frame with `*` for {ref} is the caption a pseudo-word method reads.
+    """
+    frame = rng.choice(DIFFERENCE_FRAMES)  # drawn before the description: the world's draws stay as they were
+    return frame, scene_description(ref, rng)
 
 
 def referring(o: Obj, scene: Sequence[Obj], rng: random.Random) -> str:
@@ -551,8 +562,11 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
             ref = scenes[i % n_scenes]
             change, tgt, text = random_edit(ref, drng, seen)
             sid = f"train-d{i:06d}"
+            frame, description = difference_caption_parts(ref, drng)
+            # reference + dense_text: the same caption with the reference as one token (CLIPTask)
             yield {"id": f"{sid}-r0", "image": _jpeg(render(tgt, dnrng, image_size)),
-                   "text": difference_caption(ref, text, drng), "scene": sid, "scene_caption": caption(tgt)}
+                   "text": frame.format(ref=description, edit=text), "scene": sid, "scene_caption": caption(tgt),
+                   "reference": description, "dense_text": frame.format(ref="*", edit=text)}
 
     def all_pairs() -> Iterator[dict[str, Any]]:
         yield from pairs

@@ -120,3 +120,73 @@ def test_shape_warm_up_bad_labels_fail_clearly():
         task.training_step({"image": torch.randn(2, 3, 64, 64)}, 0)
     with pytest.raises(CirlabError, match="distinct names"):
         ImageClassificationTask(classes=["circle", "circle"], backbone=BackboneConfig("cirlab-tiny"))
+
+
+def _dense_by_hand(task, text, token):
+    """open_clip's own encode_text with the '*' row of the token table set to `token` (no cirlab path)."""
+    from cirlab.models.backbone import STAR_TOKEN_ID
+
+    table = task.backbone.model.token_embedding.weight
+    with torch.no_grad():
+        saved = table[STAR_TOKEN_ID].clone()
+        table[STAR_TOKEN_ID] = token
+        try:
+            return task.normalize(task.backbone.model.encode_text(task.backbone.tokenize([text])))[0]
+        finally:
+            table[STAR_TOKEN_ID] = saved
+
+
+def test_clip_dense_reference_is_one_token_from_the_reference_feature(images, tmp_path):
+    torch.manual_seed(2)
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=1.0, dense_inversions=1.0).eval()
+    texts = ["a photo of a red circle , make the circle blue", "a green diamond",
+             "a blue square , but remove the square", "a photo of a red circle , make the circle blue"]
+    batch = {"image": images, "text": texts,
+             "reference": ["a red circle", None, "a blue square", "a large red circle at the top"],
+             "dense_text": ["a photo of * , make the circle blue", None, "* , but remove the square",
+                            "a photo of * , make the circle blue"]}
+    with torch.no_grad():
+        feats, ids = task._text_features(batch, texts)
+
+        def token(text):  # the dense token: the learnt map of the text's raw feature
+            return task.reference_token(task.backbone.encode_text(task.backbone.tokenize([text])))[0]
+
+        want = [_dense_by_hand(task, "a photo of * , make the circle blue", token("a red circle")),
+                _dense_by_hand(task, "a photo of *", token("a green diamond")),   # an inversion
+                _dense_by_hand(task, "* , but remove the square", token("a blue square")),
+                _dense_by_hand(task, "a photo of * , make the circle blue", token("a large red circle at the top"))]
+    for got, w in zip(feats, want):
+        torch.testing.assert_close(got, w, atol=2e-5, rtol=0)
+    assert float(feats[0] @ _encode(task, texts[:1])[0]) < 0.9999  # not the written caption
+    # rows 0 and 3 share a caption but not a reference: not each other's duplicates
+    assert len(set(ids)) == 4 and ids[1] != "a green diamond"
+    # no dense fractions: plain CLIP, no map
+    plain = CLIPTask(backbone=BackboneConfig("cirlab-tiny")).eval()
+    assert not hasattr(plain, "reference_token")
+    plain.backbone.load_state_dict(task.backbone.state_dict())
+    with torch.no_grad():
+        feats, ids = plain._text_features(batch, texts)
+    torch.testing.assert_close(feats, _encode(task, texts), atol=1e-6, rtol=0)
+    assert ids == texts
+    # the map trains (and the tower through the dense captions), and is not exported
+    task.train()
+    task.training_step(batch, 0).backward()
+    assert task.reference_token.weight.grad.abs().sum() > 0
+    assert set(task.export(tmp_path)) == {"backbone"}
+
+
+def test_clip_dense_fractions_pick_that_share_of_the_pairs():
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=0.5, dense_inversions=0.25)
+    n = 2000
+    batch = {"text": [f"caption {i}" for i in range(n)],
+             "reference": ["a red circle" if i % 2 else None for i in range(n)],
+             "dense_text": ["a photo of * , make it blue" if i % 2 else None for i in range(n)]}
+    torch.manual_seed(0)
+    chosen = task._dense_choice(batch, n)
+    refs = sum(1 for i in chosen if i % 2)
+    inversions = [i for i in chosen if i % 2 == 0]
+    assert 430 < refs < 570 and 190 < len(inversions) < 310   # 500 and 250 expected
+    assert all(chosen[i] == ("a photo of *", f"caption {i}") for i in inversions)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fraction of the pairs"):
+            CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=bad)

@@ -146,7 +146,10 @@ def test_held_out_never_in_training_data(world):
     negatives = [t for s in pairs for t in s.get("negatives", [])]
     assert len(negatives) > SMALL["n_train_scenes"] // 2  # most captions have a shape-swapped negative
     objects = samples(world.path("objects"))
-    for t in train_texts + negatives + [s["txt"] for s in objects]:
+    # the difference captions' reference and dense form (CLIPTask dense_references) are training text too
+    dense = [s[k] for s in pairs for k in ("reference", "dense_text") if k in s]
+    assert len(dense) == 2 * SMALL["n_train_scenes"]
+    for t in train_texts + negatives + dense + [s["txt"] for s in objects]:
         assert not says_held_out(t, held), t
     for s in objects:  # a one-object picture of a seen class, captioned with it
         assert (s["colour"], s["shape"]) not in held and s["txt"] == f"a photo of a {s['colour']} {s['shape']}"
@@ -171,6 +174,23 @@ def test_held_out_never_in_training_data(world):
     for s in samples(world.path("instructions")):
         assert not has_held_out(captions[s["scene"]], held)
         assert not says_held_out(f"{s['instruction'].rstrip('?')} {s['answer']}", held), s
+
+
+def test_dense_text_is_the_difference_caption_with_its_reference_as_one_star(world):
+    """dense_text + reference rebuild the caption: `*` stands where the reference's words are."""
+    n = 0
+    for s in samples(world.path("pairs")):
+        if "dense_text" not in s:
+            assert "reference" not in s and s["scene"].startswith("train-s")
+            continue
+        assert s["dense_text"].count("*") == 1 and "*" not in s["reference"], s
+        assert s["dense_text"].replace("*", s["reference"]) == s["txt"], s
+        assert s["dense_text"].startswith(("a photo of * ", "* ")), s
+        n += 1
+    assert n == SMALL["n_train_scenes"]
+    # by hand: one frame, one description
+    frame, ref = S.difference_caption_parts((S.Obj(0, "circle", "red", "small"),), random.Random(3))
+    assert frame in S.DIFFERENCE_FRAMES and "{ref}" in frame and "circle" in ref
 
 
 def test_negative_captions_swap_one_shape_and_nothing_else(world):

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from cirlab.losses import info_nce
+from cirlab.models.backbone import STAR_TOKEN_ID
 from cirlab.train.base import BaseTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
 
@@ -25,14 +26,27 @@ class CLIPTask(BaseTask):
     json field `negatives` (false of its image, e.g. one object's shape swapped) join every image's
     image->text softmax, so the image feature must tell the words that differ. Pairs with fewer are
     padded and the padding masked; pairs without the field train as plain CLIP.
+
+    `dense_references` p > 0: a fraction p of the pairs that carry a `reference` and a `dense_text`
+    (the world's difference captions: "a photo of * , make the circle red" with the reference's
+    words kept apart) train on `dense_text` with the reference given as one dense token at `*`: a
+    learnt linear map of the reference's own text feature (no gradient through that feature).
+    `dense_inversions` q > 0: a fraction q of the other pairs train as "a photo of *" with their
+    caption's dense token. A web-scale text tower composes a pseudo-word with an edit (what Pic2Word,
+    SEARLE and LinCIR rely on); a tiny one learns it only from such captions (docs/zero-shot-synthetic.md,
+    attempt 7). The map is pre-training's alone and not exported.
     """
 
     def __init__(self, backbone: Optional[BackboneConfig] = None, optimizer: Optional[OptimizerConfig] = None,
                  scheduler: Optional[SchedulerConfig] = None, evaluation: Optional[EvalConfig] = None,
                  learnable_temperature: bool = True, init_logit_scale: float = 1 / 0.07,
-                 hard_negatives: int = 0) -> None:
+                 hard_negatives: int = 0, dense_references: float = 0.0, dense_inversions: float = 0.0) -> None:
         if hard_negatives < 0:
             raise ValueError(f"CLIPTask hard_negatives must be >= 0 (captions per pair), got {hard_negatives}")
+        for name, p in (("dense_references", dense_references), ("dense_inversions", dense_inversions)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"CLIPTask {name} is a fraction of the pairs, in [0, 1]; got {p}")
+        self.dense_references, self.dense_inversions = float(dense_references), float(dense_inversions)
         self.hard_negatives = hard_negatives
         self.learnable_temperature = learnable_temperature
         self.init_logit_scale = init_logit_scale
@@ -51,21 +65,60 @@ class CLIPTask(BaseTask):
         with torch.no_grad():
             scale.fill_(math.log(self.init_logit_scale))
         scale.requires_grad_(self.learnable_temperature)
+        if self.dense_references > 0 or self.dense_inversions > 0:
+            # text feature of the reference -> one input token: the tower learns to unpack it
+            self.reference_token = torch.nn.Linear(self.backbone.embed_dim, self.backbone.token_dim)
 
     def logit_scale(self) -> torch.Tensor:
         return self.backbone.model.logit_scale.exp().clamp(max=100)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        tokens = self.backbone.tokenize(list(batch["text"])).to(self.device)
+        texts = list(batch["text"])
         img = self.normalize(self.backbone.encode_image(batch["image"]))
-        txt = self.normalize(self.backbone.encode_text(tokens))
+        txt, ids = self._text_features(batch, texts)
         negs, mask = self._hard_negatives(batch, img.shape[0])
         loss = info_nce(img, txt, self.logit_scale(), symmetric=True, gather=True,
-                        duplicate_ids=list(batch["text"]), hard_negatives=negs,
-                        hard_negative_mask=mask)
+                        duplicate_ids=ids, hard_negatives=negs, hard_negative_mask=mask)
         self.log("train/loss", loss, prog_bar=True, batch_size=img.shape[0])
         self.log("train/logit_scale", self.logit_scale().detach(), batch_size=img.shape[0])
         return loss
+
+    def _text_features(self, batch: dict[str, Any], texts: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Normalised caption features (B, D), some with a dense reference token; ids for duplicates."""
+        dense = self._dense_choice(batch, len(texts))
+        if not dense:
+            return self.normalize(self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device))), texts
+        rows = sorted(dense)
+        with torch.no_grad():  # the reference's feature is a target to unpack, not trained through here
+            ref = self.backbone.encode_text(self.backbone.tokenize([dense[i][1] for i in rows]).to(self.device))
+        pseudo = self.reference_token(ref.to(self.reference_token.weight.dtype))
+        dense_tok = self.backbone.tokenize([dense[i][0] for i in rows]).to(self.device)
+        feats = self.backbone.encode_text_with_pseudo_tokens(dense_tok, pseudo, placeholder_id=STAR_TOKEN_ID)
+        plain = [i for i in range(len(texts)) if i not in dense]
+        out = torch.empty(len(texts), feats.shape[1], device=self.device, dtype=feats.dtype)
+        out[torch.tensor(rows, device=self.device)] = feats
+        if plain:
+            tok = self.backbone.tokenize([texts[i] for i in plain]).to(self.device)
+            out[torch.tensor(plain, device=self.device)] = self.backbone.encode_text(tok).to(feats.dtype)
+        # a dense caption equals its written form only if the reference does: both strings in its id
+        ids = [f"{dense[i][0]}\x00{dense[i][1]}" if i in dense else t for i, t in enumerate(texts)]
+        return self.normalize(out), ids
+
+    def _dense_choice(self, batch: dict[str, Any], b: int) -> dict[int, tuple[str, str]]:
+        """row -> (text with `*`, reference text) for the rows trained with a dense reference token."""
+        if not (self.dense_references > 0 or self.dense_inversions > 0):
+            return {}
+        refs = batch.get("reference") or [None] * b
+        dense_texts = batch.get("dense_text") or [None] * b
+        draws = torch.rand(b).tolist()  # the global generator: seed_everything makes it repeatable
+        out = {}
+        for i, (ref, dense, u) in enumerate(zip(refs, dense_texts, draws)):
+            if ref is not None and dense is not None:
+                if u < self.dense_references:
+                    out[i] = (dense, ref)
+            elif u < self.dense_inversions:
+                out[i] = ("a photo of *", batch["text"][i])
+        return out
 
     def _hard_negatives(self, batch: dict[str, Any], b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(B*K, D) features of the pairs' negative captions, padded to K each, and the mask of real ones."""
