@@ -42,6 +42,11 @@ def test_demo_fast_runs_every_step(tmp_path):
     assert (tmp_path / "demo" / "report.png").is_file()  # the grid for papers and slides
     export = lambda run: runs / run / "version_0" / "export"  # noqa: E731  (each run its own version)
     assert (export("pic2word") / "mapper.safetensors").is_file()
+    # the CLIP starts from the shape warm-up's weights and trains with dense reference tokens (clip.yaml)
+    assert (export("shapes") / "backbone.safetensors").is_file()
+    hparams = (runs / "clip" / "version_0" / "hparams.yaml").read_text()
+    assert str(export("shapes") / "backbone.safetensors") in hparams, hparams
+    assert "dense_references: 0.5" in hparams and "dense_inversions: 0.25" in hparams, hparams
     for run in ("clip", "combiner-stage1"):  # trained backbones: their weights
         assert (export(run) / "backbone.safetensors").is_file()
     for run, source in (("combiner", "combiner-stage1"), ("lincir", "clip")):  # frozen: a pointer, no copy

@@ -1,6 +1,7 @@
 """`cirlab demo` / `make demo`: the whole quickstart on the synthetic world, one table at the end.
 
-Steps: write the synthetic world -> pre-train a tiny CLIP on its captions (recipes/quickstart/clip.yaml)
+Steps: write the synthetic world -> pre-train a tiny CLIP: a shape warm-up of its image tower
+(recipes/quickstart/shapes.yaml), then both towers on the world's captions (recipes/quickstart/clip.yaml)
 -> from that CLIP, two at a time in two processes: CLIP4Cir stage 1 (combiner-stage1.yaml) and stage 2
 (combiner.yaml), FocalLens on the world's instructions (train/focallens_demo.py), LinCIR
 (lincir.yaml), Pic2Word (pic2word.yaml) and SEARLE -> evaluate everything and the zero-training
@@ -165,6 +166,18 @@ def _common(cfg: dict[str, Any], seed: int) -> list[str]:
     return common
 
 
+def _pretrain_clip(out: Path, w: Path, cfg: dict[str, Any], seed: int) -> Path:
+    """The demo's CLIP: a supervised shape warm-up of the image tower (contrastive pre-training from
+    scratch never learns shape here), then CLIP on the world's pairs from those weights, with
+    difference captions whose reference is one dense token (docs/zero-shot-synthetic.md, attempt 7)."""
+    shapes = _fit(_recipes() / "shapes.yaml", out, "shapes", _common(cfg, seed) + [
+        f"--data.init_args.train={w / 'objects'}"])
+    return _fit(_recipes() / "clip.yaml", out, "clip", _common(cfg, seed) + [
+        f"--model.init_args.backbone.pretrained={shapes / 'backbone.safetensors'}",
+        f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
+        f"--trainer.max_epochs={cfg['clip_epochs']}"])
+
+
 def _combiner_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> tuple[Path, Path]:
     """CLIP4Cir stage 1 (both towers, summed query), then stage 2 (the Combiner on cached features)."""
     common, recipes = _common(cfg, seed), _recipes()
@@ -274,10 +287,9 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     print(f"[1/5] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
     world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
     w = world.root
-    print("[2/5] pre-training the tiny CLIP on the world's captions (recipes/quickstart/clip.yaml)")
-    clip = _fit(_recipes() / "clip.yaml", out, "clip", _common(cfg, seed) + [
-        f"--data.init_args.train={w / 'pairs'}", f"--data.init_args.val={w / 'pairs_val'}",
-        f"--trainer.max_epochs={cfg['clip_epochs']}"])
+    print("[2/5] pre-training the tiny CLIP: its image tower on the world's shapes (recipes/quickstart/shapes.yaml), "
+          "then both towers on the world's captions (recipes/quickstart/clip.yaml)")
+    clip = _pretrain_clip(out, w, cfg, seed)
     print("[3/5] training every method from that CLIP, two at a time in two processes: CLIP4Cir stages 1-2 "
           "(combiner-stage1.yaml, combiner.yaml), FocalLens (focallens.yaml), LinCIR (lincir.yaml), "
           "Pic2Word (pic2word.yaml), SEARLE", flush=True)
