@@ -190,3 +190,19 @@ def test_clip_dense_fractions_pick_that_share_of_the_pairs():
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="fraction of the pairs"):
             CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=bad)
+
+
+def test_clip_dense_references_without_references_warn_and_keep_every_parameter_in_the_graph(images, caplog):
+    torch.manual_seed(3)
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=0.5).eval()
+    texts = ["a red circle", "a blue square at the top", "a green diamond", "a photo of a yellow triangle"]
+    with caplog.at_level("WARNING", logger="cirlab.train.clip_task"):
+        loss = task.training_step({"image": images, "text": texts}, 0)
+        task.training_step({"image": images, "text": texts}, 1)
+    said = [r.getMessage() for r in caplog.records if "dense_references" in r.getMessage()]
+    assert len(said) == 1 and "reference" in said[0]   # once, naming the missing fields
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(_by_hand(task, images, texts, []), rel=1e-5)  # plain CLIP
+    loss.backward()
+    # DDP (find_unused_parameters off) needs a gradient for every parameter, even an unused map's
+    assert task.reference_token.weight.grad is not None and task.reference_token.weight.grad.abs().sum() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -11,6 +12,8 @@ from cirlab.losses import info_nce
 from cirlab.models.backbone import STAR_TOKEN_ID
 from cirlab.train.base import BaseTask
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
+
+log = logging.getLogger(__name__)
 
 
 class CLIPTask(BaseTask):
@@ -47,6 +50,7 @@ class CLIPTask(BaseTask):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"CLIPTask {name} is a fraction of the pairs, in [0, 1]; got {p}")
         self.dense_references, self.dense_inversions = float(dense_references), float(dense_inversions)
+        self._warned_no_references = False
         self.hard_negatives = hard_negatives
         self.learnable_temperature = learnable_temperature
         self.init_logit_scale = init_logit_scale
@@ -87,7 +91,11 @@ class CLIPTask(BaseTask):
         """Normalised caption features (B, D), some with a dense reference token; ids for duplicates."""
         dense = self._dense_choice(batch, len(texts))
         if not dense:
-            return self.normalize(self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device))), texts
+            txt = self.normalize(self.backbone.encode_text(self.backbone.tokenize(texts).to(self.device)))
+            if hasattr(self, "reference_token"):
+                # unused this step: a zero term keeps DDP from failing on a parameter without gradient
+                txt = txt + 0.0 * sum(p.sum() for p in self.reference_token.parameters())
+            return txt, texts
         rows = sorted(dense)
         with torch.no_grad():  # the reference's feature is a target to unpack, not trained through here
             ref = self.backbone.encode_text(self.backbone.tokenize([dense[i][1] for i in rows]).to(self.device))
@@ -110,6 +118,12 @@ class CLIPTask(BaseTask):
             return {}
         refs = batch.get("reference") or [None] * b
         dense_texts = batch.get("dense_text") or [None] * b
+        if self.dense_references > 0 and not self._warned_no_references and not any(refs):
+            self._warned_no_references = True
+            log.warning("CLIPTask dense_references=%s, but these pairs carry no json `reference` and "
+                        "`dense_text`: none trains with a dense reference token (build them as "
+                        "data/synthetic.py's difference pairs do, or set dense_references: 0)",
+                        self.dense_references)
         draws = torch.rand(b).tolist()  # the global generator: seed_everything makes it repeatable
         out = {}
         for i, (ref, dense, u) in enumerate(zip(refs, dense_texts, draws)):
