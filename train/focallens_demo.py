@@ -108,25 +108,20 @@ def _image_size(world: Path) -> int:
 def shape_aware_clip(world: str | Path, out: str | Path, seed: int = 0) -> Path:
     """Pre-train the demo's tiny CLIP so that it sees shape; returns its export folder.
 
-    The demo's CLIP does not (a linear probe finds shape at 37 %, docs/zero-shot-synthetic.md attempt
-    3), and FocalLens cannot answer "what colour is the circle?" without it. A supervised warm-up of
-    the image tower on the world's one-object pictures (recipes/quickstart/shapes.yaml, 300 steps)
-    and then the demo's CLIP pre-training from it (clip.yaml): a shape probe reads 87 % after the
+    The demo's own pre-training (train/demo.py `_pretrain_clip`): a supervised warm-up of the image
+    tower on the world's one-object pictures (recipes/quickstart/shapes.yaml, 300 steps), then
+    clip.yaml from it. Without the warm-up a linear probe finds shape at 37 % (docs/zero-shot-synthetic.md
+    attempt 3), and FocalLens cannot answer "what colour is the circle?"; with it 87 % after the
     warm-up alone, 92 % after the CLIP pre-training (attempt 4).
     """
     world, out = Path(world), Path(out)
     if not (world / "objects" / "index.json").is_file():
         raise CirlabError(f"{world} holds no objects/ shards (one-object pictures for the shape warm-up)",
                           "rebuild the world with this version: cirlab data synthetic --out DIR")
-    from cirlab.train.demo import _fit as fit_export, _recipes
+    from cirlab.train.demo import SCALES, _pretrain_clip
 
-    print("shape warm-up of the image tower on the world's objects/ (shapes.yaml)", flush=True)
-    warm = fit_export(_recipes() / "shapes.yaml", out, "shapes", ["--seed_everything", str(seed),
-                                                                  f"--data.init_args.train={world / 'objects'}"])
-    print("CLIP pre-training from the warmed-up image tower (clip.yaml)", flush=True)
-    return fit_export(_recipes() / "clip.yaml", out, "clip", [
-        "--seed_everything", str(seed), f"--model.init_args.backbone.pretrained={warm / 'backbone.safetensors'}",
-        f"--data.init_args.train={world / 'pairs'}", f"--data.init_args.val={world / 'pairs_val'}"])
+    print("shape warm-up of the image tower (shapes.yaml), then CLIP pre-training from it (clip.yaml)", flush=True)
+    return _pretrain_clip(out, world, SCALES["full"], seed)
 
 
 def focallens_demo_command(world: str = "demo_out/world", out: str = "demo_out/focallens-long",
