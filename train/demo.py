@@ -339,7 +339,7 @@ def demo_command(out: str = "demo_out", scale: Literal["full", "fast"] = "full",
 
     Args:
         out: output folder
-        scale: full (the real demo, 10-20 min on 2 cores, by the CPU) or fast (a smoke run for tests)
+        scale: full (the real demo, 9-20 min on 2 cores, by the CPU) or fast (a smoke run for tests)
         seed: seed of the world and of every run
     """
     run_demo(out, scale, seed)
