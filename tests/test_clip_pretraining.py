@@ -199,6 +199,9 @@ def test_clip_dense_references_without_references_warn_and_keep_every_parameter_
     with caplog.at_level("WARNING", logger="cirlab.train.clip_task"):
         loss = task.training_step({"image": images, "text": texts}, 0)
         task.training_step({"image": images, "text": texts}, 1)
+        assert not [r for r in caplog.records if "dense_references" in r.getMessage()]  # one batch without is normal
+        task.on_train_epoch_end()
+        task.on_train_epoch_end()
     said = [r.getMessage() for r in caplog.records if "dense_references" in r.getMessage()]
     assert len(said) == 1 and "reference" in said[0]   # once, naming the missing fields
     with torch.no_grad():
@@ -206,3 +209,16 @@ def test_clip_dense_references_without_references_warn_and_keep_every_parameter_
     loss.backward()
     # DDP (find_unused_parameters off) needs a gradient for every parameter, even an unused map's
     assert task.reference_token.weight.grad is not None and task.reference_token.weight.grad.abs().sum() == 0
+
+
+def test_clip_dense_references_no_warning_when_some_batch_of_the_epoch_has_references(images, caplog):
+    # the world's pair shards hold plain or difference pairs: the first batches may have none
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"), dense_references=0.5).eval()
+    plain = {"image": images, "text": ["a red circle", "a blue square", "a green diamond", "a yellow triangle"]}
+    diff = dict(plain, reference=["a red circle", None, None, None],
+                dense_text=["a photo of * that add a blue square", None, None, None])
+    with caplog.at_level("WARNING", logger="cirlab.train.clip_task"):
+        task.training_step(plain, 0)
+        task.training_step(diff, 1)
+        task.on_train_epoch_end()
+    assert not [r for r in caplog.records if "dense_references" in r.getMessage()]

@@ -51,6 +51,7 @@ class CLIPTask(BaseTask):
                 raise ValueError(f"CLIPTask {name} is a fraction of the pairs, in [0, 1]; got {p}")
         self.dense_references, self.dense_inversions = float(dense_references), float(dense_inversions)
         self._warned_no_references = False
+        self._seen_references = False
         self.hard_negatives = hard_negatives
         self.learnable_temperature = learnable_temperature
         self.init_logit_scale = init_logit_scale
@@ -118,12 +119,8 @@ class CLIPTask(BaseTask):
             return {}
         refs = batch.get("reference") or [None] * b
         dense_texts = batch.get("dense_text") or [None] * b
-        if self.dense_references > 0 and not self._warned_no_references and not any(refs):
-            self._warned_no_references = True
-            log.warning("CLIPTask dense_references=%s, but these pairs carry no json `reference` and "
-                        "`dense_text`: none trains with a dense reference token (build them as "
-                        "data/synthetic.py's difference pairs do, or set dense_references: 0)",
-                        self.dense_references)
+        if any(r is not None and d is not None for r, d in zip(refs, dense_texts)):
+            self._seen_references = True  # one batch without any is normal: shards may hold one kind each
         draws = torch.rand(b).tolist()  # the global generator: seed_everything makes it repeatable
         out = {}
         for i, (ref, dense, u) in enumerate(zip(refs, dense_texts, draws)):
@@ -133,6 +130,15 @@ class CLIPTask(BaseTask):
             elif u < self.dense_inversions:
                 out[i] = ("a photo of *", batch["text"][i])
         return out
+
+    def on_train_epoch_end(self) -> None:
+        # warned after a whole epoch, not a batch: the world's shards hold plain or difference pairs
+        if self.dense_references > 0 and not self._seen_references and not self._warned_no_references:
+            self._warned_no_references = True
+            log.warning("CLIPTask dense_references=%s, but no pair of this epoch carried a json `reference` "
+                        "and `dense_text`: none trained with a dense reference token (build them as "
+                        "data/synthetic.py's difference pairs do, or set dense_references: 0)",
+                        self.dense_references)
 
     def _hard_negatives(self, batch: dict[str, Any], b: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(B*K, D) features of the pairs' negative captions, padded to K each, and the mask of real ones."""
