@@ -188,6 +188,21 @@ def _content_losses(bb, tokens, image_feats):
     return out
 
 
+def test_oti_ema_decay_is_the_reference_at_350_steps_and_scaled_to_fewer(caplog):
+    assert OTIConfig().decay == 0.99  # the reference: 0.99 over 350 steps
+    assert abs(OTIConfig(steps=40).decay - 0.9158) < 1e-4
+    assert abs(OTIConfig(steps=700).decay - 0.99499) < 1e-4
+    assert OTIConfig(steps=40, ema_decay=0.5).decay == 0.5
+    with caplog.at_level("WARNING", logger="cirlab.train.oti"):
+        OTIConfig(steps=350).check()
+        OTIConfig(steps=40).check()
+        assert not caplog.records
+        OTIConfig(steps=40, ema_decay=0.99).check()  # 0.99 ** 40: the output is 67 % the random init
+    assert len(caplog.records) == 1 and "67 %" in caplog.text and "0.916" in caplog.text
+    with pytest.raises(CirlabError, match="ema_decay"):
+        OTIConfig(ema_decay=1.0).check()
+
+
 def test_oti_lowers_the_content_loss_of_every_image_and_outputs_the_ema(oti_world):
     bb = oti_world["backbone"]
     from cirlab.data.concepts import my_shards, shard_batches
@@ -208,10 +223,13 @@ def test_oti_lowers_the_content_loss_of_every_image_and_outputs_the_ema(oti_worl
     assert len(recorded) == 40
     # the initial token: N(0, 0.02^2)
     assert 0.015 < float(res["init"].std()) < 0.025
+    # unset ema_decay: the reference's 0.99 at 350 steps scaled to 40 (0.99 ** 8.75, by hand 0.9158),
+    # so that the init keeps ~3 % of the output as in the reference, not 0.99 ** 40 = 67 %
+    d = 0.9158
     ema = res["init"].clone()
     for tok in recorded:
-        ema = 0.99 * ema + 0.01 * tok
-    assert torch.allclose(res["ema"], ema, atol=1e-6)
+        ema = d * ema + (1 - d) * tok
+    assert torch.allclose(res["ema"], ema, atol=2e-5)
     assert torch.allclose(res["last"], recorded[-1])
     before = _content_losses(bb, res["init"], feats)
     after = _content_losses(bb, res["last"], feats)

@@ -1,7 +1,8 @@
 """SEARLE's optimisation-based textual inversion (OTI) as a resumable, sharded batch job.
 
 Per image one pseudo-token, initialised N(0, 0.02^2), optimised with AdamW (lr 2e-2, wd 0.01) for
-350 steps per batch of 32, an EMA (0.99) of the token after each step being the output. Loss =
+350 steps per batch of 32, an EMA (0.99) of the token after each step being the output (at other step
+counts the decay is scaled to leave the init the same weight: OTIConfig.decay). Loss =
 (1 L_content + 0.5 L_reg) / 1.5 with L_content = 1 - cos(text(random template with " $ "), image)
 and L_reg = 1 - cos(text(phrase), text(phrase with the FIRST occurrence of its concept -> " $ ")) for
 a random phrase of one of the image's top-15 concepts (concepts whose phrases lack them dropped).
@@ -37,6 +38,8 @@ from cirlab.train.feature_cache import FeatureCache
 log = logging.getLogger(__name__)
 
 META_NAME = "oti.json"
+REFERENCE_DECAY, REFERENCE_STEPS = 0.99, 350  # the reference's EMA: 0.99 over 350 steps
+INIT_WEIGHT_WARN = 0.25  # warn when the random init keeps more of the output token than this
 _PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
 
 
@@ -48,7 +51,9 @@ class OTIConfig:
     lr: float = 2e-2
     weight_decay: float = 0.01
     batch_size: int = 32
-    ema_decay: float = 0.99
+    # None: the reference's 0.99 at its 350 steps, scaled to other step counts (`decay`); a fixed 0.99
+    # over 40 steps would output a token that is still 67 % its random init
+    ema_decay: Optional[float] = None
     init_std: float = 0.02
     lambda_content: float = 1.0
     lambda_reg: float = 0.5
@@ -61,9 +66,23 @@ class OTIConfig:
             raise CirlabError(f"OTI precision {self.precision!r} is not one of {', '.join(_PRECISIONS)}")
         if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
             raise CirlabError("OTI steps, batch_size and top_k must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise CirlabError(f"OTI ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise CirlabError(f"OTI ema_decay={self.ema_decay} must lie in [0, 1)",
+                              "or leave it unset: 0.99 at 350 steps, scaled to the steps")
+        left = self.decay ** self.steps
+        if left > INIT_WEIGHT_WARN:
+            log.warning("OTI ema_decay=%s over %d steps: the output token (the EMA) is still %.0f %% its random "
+                        "init; leave ema_decay unset (%.3f for %d steps) or raise the steps", self.ema_decay,
+                        self.steps, 100 * left, REFERENCE_DECAY ** (REFERENCE_STEPS / self.steps), self.steps)
         return self
+
+    @property
+    def decay(self) -> float:
+        """The EMA decay used: ema_decay, or the reference's 0.99 at 350 steps scaled to `steps` so that the
+        random init keeps the same weight in the output (0.99^350 = 3 %): 0.916 for 40 steps."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return REFERENCE_DECAY ** (REFERENCE_STEPS / self.steps)
 
     @classmethod
     def of(cls, value: "OTIConfig | dict | None") -> "OTIConfig":
@@ -167,6 +186,7 @@ def oti_batch(backbone: Any, image_features: torch.Tensor, image_concepts: Optio
     init = torch.randn(b, width, generator=generator) * cfg.init_std
     token = torch.nn.Parameter(init.clone().to(dev))
     ema = token.detach().clone()
+    decay = cfg.decay
     opt = torch.optim.AdamW([token], lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_scaler = cfg.precision == "16-mixed" and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -209,7 +229,7 @@ def oti_batch(backbone: Any, image_features: torch.Tensor, image_concepts: Optio
             loss.backward()
             opt.step()
         with torch.no_grad():
-            ema.mul_(cfg.ema_decay).add_(token.detach(), alpha=1 - cfg.ema_decay)
+            ema.mul_(decay).add_(token.detach(), alpha=1 - decay)
         if on_step is not None:
             on_step(step, token.detach().clone())
     return {"ema": ema.float().cpu(), "last": token.detach().float().cpu(), "init": init}
@@ -225,7 +245,9 @@ def batch_seed(seed: int, shard: str, batch: int) -> tuple[random.Random, torch.
 
 # ----------------------------------------------------------------------------- the batch job
 def _meta(cfg: OTIConfig, fingerprint: str, image_transform: str) -> dict[str, Any]:
-    return {"config": asdict(cfg), "fingerprint": fingerprint, "image_transform": image_transform}
+    # the decay as used (unset = scaled to the steps), so a resumed job compares what shaped its tokens
+    return {"config": {**asdict(cfg), "ema_decay": cfg.decay}, "fingerprint": fingerprint,
+            "image_transform": image_transform}
 
 
 def run_oti(images: str, out: str, model_name: str = "ViT-B-32-quickgelu", pretrained: Optional[str] = "openai",
