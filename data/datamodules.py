@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from cirlab.data.kinds import check_kind
 from cirlab.errors import CirlabError
-from cirlab.data.streaming import ShardStream
+from cirlab.data.streaming import ShardStream, as_batched
 
 DEFAULT_BATCH_SIZE = 32  # per device, when neither batch_size nor global_batch_size is set
 
@@ -133,7 +133,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _loader(self, stream: ShardStream) -> DataLoader:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=as_batched,
                           pin_memory=self.pin_memory, persistent_workers=False, **extra)
 
     def train_dataloader(self) -> DataLoader:

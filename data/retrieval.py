@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cirlab.data.datamodules import ShardDataModule
 from cirlab.data.evalset import EvalSet, load_eval_set
-from cirlab.data.streaming import ShardStream
+from cirlab.data.streaming import ShardStream, as_batched
 from cirlab.errors import CirlabError
 
 
@@ -109,7 +109,8 @@ class RetrievalDataModule(ShardDataModule):
             wrapped = _GalleryStream(gallery)
             wrapped.needed = self._gallery_needed.get((stage, i), True)
             self._gallery_streams[(stage, i)] = wrapped
-            loaders.append(DataLoader(wrapped, batch_size=None, num_workers=self.eval_num_workers))
+            loaders.append(DataLoader(wrapped, batch_size=None, num_workers=self.eval_num_workers,
+                                      collate_fn=as_batched))
         return loaders
 
     def val_dataloader(self) -> Any:

@@ -918,11 +918,20 @@ def make_dataset(source: Any, kind: str, *, transform: Callable | None = None, r
                        shuffle_buffer=shuffle_buffer, seed=seed, **kwargs)
 
 
+def as_batched(batch: Any) -> Any:
+    """The DataLoader's `collate_fn` for a stream that batches itself: the batch as it is. The
+    default for `batch_size=None`, `default_convert`, walks every batch for numpy arrays these
+    streams never yield, the stream snapshot's thousands of entries included (4 ms a batch of 128
+    on 2 cores, in the training process when the loader has no workers)."""
+    return batch
+
+
 class StreamLoader:
     """A DataLoader over a ShardStream that records each item it hands out (for state_dict)."""
 
     def __init__(self, stream: ShardStream, num_workers: int = 0, **loader_kwargs: Any) -> None:
         self.stream = stream
+        loader_kwargs.setdefault("collate_fn", as_batched)
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, **loader_kwargs)
 
     def __len__(self) -> int:

@@ -261,6 +261,34 @@ def test_datamodule_loader_and_transform(tmp_path):
     assert sum(len(b["id"]) for b in val) == 11  # validation: finite, every sample once
 
 
+def test_loaders_hand_out_the_streams_batches_as_they_are(tmp_path, small_world, monkeypatch):
+    """The streams batch themselves: none of their loaders may run DataLoader's `batch_size=None`
+    default, `default_convert`, which walks each batch (the stream snapshot's thousands of entries
+    included) in the training process when there are no workers."""
+    import torch.utils.data.dataloader as dataloader
+    from cirlab.data.datamodules import ShardDataModule
+    from cirlab.data.retrieval import RetrievalDataModule
+
+    walked = []
+    real = dataloader._utils.collate.default_convert
+    monkeypatch.setattr(dataloader._utils.collate, "default_convert", lambda b: walked.append(b) or real(b))
+    _write(tmp_path / "d", [6, 5])
+    dm = ShardDataModule(str(tmp_path / "d"), "pair", batch_size=4, num_workers=0, shuffle_buffer=4,
+                         val=str(tmp_path / "d"))
+    dm.set_transforms(_to_tensor, _to_tensor)
+    train = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    val = list(dm.val_dataloader())
+    streamed = list(StreamLoader(ShardStream(str(tmp_path / "d"), "pair", batch_size=4, resampled=False)))
+    evals = RetrievalDataModule(val_sets=[str(small_world.path("eval/val"))], eval_batch_size=16)
+    evals.set_transforms(_to_tensor)
+    gallery = [b for loader in evals.val_dataloader() for b in loader]
+    assert walked == []
+    # and the batches are still whole: images stacked, every sample once
+    assert train[0]["image"].shape == (4, 3, 8, 8) and sum(len(b["id"]) for b in val) == 11
+    assert sum(len(b["id"]) for b in streamed) == 11
+    assert gallery and all(b["image"].shape[1:] == (3, 64, 64) for b in gallery)
+
+
 @pytest.mark.slow
 def test_lightning_checkpoint_resumes_the_stream(tmp_path):
     import lightning.pytorch as pl
