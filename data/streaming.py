@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import braceexpand
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -101,13 +102,31 @@ def decode_image(data: bytes) -> Image.Image:
         raise DecodeError("image", f"undecodable image ({type(exn).__name__}: {exn})") from exn
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_pixels(data: bytes) -> torch.Tensor:
+    """Encoded bytes -> (3, H, W) uint8 RGB pixels. JPEGs go through torchvision's decoder (the
+    same libjpeg-turbo output as PIL's, 3x faster on small images); anything else, or a JPEG it
+    refuses, through decode_image, whose DecodeError names what is wrong."""
+    if data[:3] == _JPEG_MAGIC:
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+    return torch.from_numpy(np.array(decode_image(data), dtype=np.uint8)).permute(2, 0, 1)
+
+
 def decode_sample(raw: dict[str, Any], kind: str, transform: Callable | None = None,
-                  decode_images: bool = True) -> dict[str, Any]:
+                  decode_images: bool = True, pixels: bool = False) -> dict[str, Any]:
     """Raw tar members of one sample -> the sample dict with the field names of its kind.
 
     json fields are merged in, images become RGB PIL images (or ``transform(image)``, the same
     transform for ref and tgt), text members become str. Raises DecodeError on bad data.
-    With decode_images=False the image fields are left out (tasks that read cached features).
+    With decode_images=False the image fields are left out (tasks that read cached features); with
+    pixels=True images are (3, H, W) uint8 tensors (decode_pixels) instead of PIL images.
     """
     check_kind(kind)
     if "json" not in raw:
@@ -134,7 +153,7 @@ def decode_sample(raw: dict[str, Any], kind: str, transform: Callable | None = N
         data = _image_member(raw, ext)
         if data is None:
             raise DecodeError("missing", f"no {ext} member")
-        img = decode_image(data)
+        img = decode_pixels(data) if pixels else decode_image(data)
         out[name] = transform(img) if transform is not None else img
     return out
 
@@ -549,13 +568,19 @@ class ShardStream(IterableDataset):
         uninterrupted one, whatever the worker or rank layout or the folder the shards lie in."""
         if self.transform is None or not self.decode_images:
             return decode_sample(raw, self.kind, self.transform, self.decode_images)
+        shard = os.path.basename(str(raw["__url__"]))
+        if hasattr(self.transform, "defer"):
+            # a batched transform (models/transforms.py): the sample's random draws now, from its own
+            # generator; the pixel work for the whole batch in _finish_images
+            rng = random.Random(_seed(self.seed, self.epoch, shard, raw.get("__offset__"), "defer"))
+            defer = self.transform.defer
+            return decode_sample(raw, self.kind, lambda px: defer(px, rng), self.decode_images, pixels=True)
         # the CPU generator only: torch.manual_seed also seeds every accelerator backend lazily, which
         # formats a stack trace per call (~3 ms a sample, a 10x slower CLIP epoch on 2 cores)
         gen = torch.default_generator
         state = gen.get_state()
         # the shard's file name, not its path: the same data in another folder augments the same
         # (the path made the demo's numbers depend on its --out folder)
-        shard = os.path.basename(str(raw["__url__"]))
         gen.manual_seed(_seed(self.seed, self.epoch, shard, raw.get("__offset__")) % 2 ** 63)
         try:
             return decode_sample(raw, self.kind, self.transform, self.decode_images)
@@ -563,7 +588,18 @@ class ShardStream(IterableDataset):
             gen.set_state(state)
 
     def _prepared(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self._finish_images(samples)
         return samples if self.prepare is None else self.prepare(samples)
+
+    def _finish_images(self, samples: list[dict[str, Any]]) -> None:
+        """A batched transform's pixel work, once per image field for the whole batch (in place)."""
+        if not hasattr(self.transform, "defer") or not samples:
+            return
+        for name in IMAGE_FIELDS[self.kind]:
+            if name in samples[0]:
+                pixels = self.transform.finish([s[name] for s in samples])
+                for s, p in zip(samples, pixels):
+                    s[name] = p
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()

@@ -516,3 +516,51 @@ def test_augmentation_does_not_depend_on_the_folder(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     other = pixels(tmp_path / "a" / "pairs", epoch=1)
     assert any(not torch.equal(a[k], other[k]) for k in a)
+
+
+def test_batched_transform_crops_each_sample_alike_in_any_batch(tmp_path):
+    """A batched transform (models/transforms.py) draws each sample's crop from the sample's own seed
+    and does the pixel work per batch: a sample's crop must not depend on its batch mates or the
+    batch size (resume and worker layouts rely on it); another epoch crops anew."""
+    from cirlab.models.transforms import BatchedRandomResizedCrop
+
+    _write(tmp_path / "pairs", [5, 4])
+    t = BatchedRandomResizedCrop(6, scale=(0.3, 0.6))
+
+    def crops(batch_size, epoch=0):
+        stream = ShardStream(tmp_path / "pairs", "pair", transform=t, resampled=False, shuffle=False,
+                             shuffle_buffer=0, batch_size=batch_size, rank=0, world_size=1, equal_steps=False)
+        stream.set_epoch(epoch)
+        out = {}
+        for item in stream:
+            ids = item["id"] if batch_size else [item["id"]]
+            images = item["image"] if batch_size else item["image"][None]
+            out.update(zip(ids, images))
+        return out
+
+    one, four = crops(None), crops(4)
+    assert len(one) == 9 and one.keys() == four.keys()
+    for k in one:
+        assert one[k].shape == (3, 6, 6) and one[k].dtype == torch.float32
+        torch.testing.assert_close(one[k], four[k], rtol=0, atol=0)
+    other = crops(4, epoch=1)
+    assert any(not torch.equal(four[k], other[k]) for k in four)
+
+
+def test_decode_pixels_equals_pil_and_reports_broken_jpegs():
+    """JPEGs decode through torchvision to the same pixels as PIL; PNGs through PIL; a truncated
+    JPEG is a DecodeError, not a partial image."""
+    from cirlab.data.streaming import DecodeError, decode_pixels
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 255, (24, 40), dtype=np.uint8))
+    for im, fmt in ((img, "JPEG"), (grey, "JPEG"), (img, "PNG")):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        data = buf.getvalue()
+        want = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        got = decode_pixels(data)
+        assert got.dtype == torch.uint8 and torch.equal(got, want), fmt
+    with pytest.raises(DecodeError, match="undecodable image"):
+        decode_pixels(data[:0] + b"\xff\xd8\xff" + b"\x00" * 40)

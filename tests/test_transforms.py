@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from cirlab.models.transforms import SquarePad, TargetPad, build_transform
+from cirlab.models.transforms import BatchedRandomResizedCrop, SquarePad, TargetPad, build_transform
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 MEAN = torch.tensor(OPENAI_DATASET_MEAN)
@@ -135,10 +135,68 @@ def test_targetpad_train_equals_eval_unless_scale():
 
 
 def test_clip_train_uses_random_resized_crop_scale():
-    t = build_transform(32, "clip", train=True, train_scale=(0.9, 1.0))
-    crops = [m for m in t.transforms if isinstance(m, RandomResizedCrop)]
-    assert len(crops) == 1 and crops[0].scale == (0.9, 1.0)
+    t = build_transform(32, "clip", train=True, train_scale=(0.8, 1.0))
+    assert isinstance(t, BatchedRandomResizedCrop) and t.scale == (0.8, 1.0) and t.size == 32
+    assert build_transform(32, "clip", train=True).scale == (0.9, 1.0)  # open_clip's default
     assert not any(isinstance(m, RandomResizedCrop) for m in build_transform(32, "clip").transforms)
+
+
+def _smooth(w, h, seed=0):
+    """A natural-looking image: coarse noise upsampled (no pixel-level overshoot at the edges)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, (h // 4 + 2, w // 4 + 2, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+
+
+@pytest.mark.parametrize("w,h,size", [(64, 64, 64), (100, 80, 64), (300, 200, 48), (40, 50, 64)])
+def test_batched_crop_equals_torchvision_resized_crop(w, h, size):
+    """Each crop of the batched transform is torchvision's PIL resized_crop (bicubic, the train path of
+    open_clip) of the same box, within one 8-bit level: upscaled and antialiased downscaled crops."""
+    import random
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    t = BatchedRandomResizedCrop(size, scale=(0.08, 1.0))
+    img = _smooth(w, h)
+    rng = random.Random(0)
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    items = [t.defer(pixels, rng) for _ in range(12)]
+    got = t.finish(items)
+    want = torch.stack([TF.normalize(TF.to_tensor(TF.resized_crop(img, *it.box, [size, size],
+                                                                   InterpolationMode.BICUBIC)), MEAN, STD)
+                        for it in items])
+    levels = ((got - want) * STD.view(1, 3, 1, 1) * 255).abs()
+    assert got.shape == (12, 3, size, size)
+    assert levels.max() <= 1.01, levels.max()
+    assert levels.mean() < 0.1
+
+
+def test_batched_crop_boxes_follow_the_scale_and_ratio():
+    import random
+
+    t = BatchedRandomResizedCrop(64, scale=(0.5, 0.7), ratio=(0.8, 1.25))
+    rng = random.Random(1)
+    for _ in range(300):
+        top, left, h, w = t.draw(120, 90, rng)
+        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 120
+        # rounding w and h to pixels moves area and ratio a little
+        assert 0.5 * 0.97 <= w * h / (120 * 90) <= 0.7 * 1.03
+        assert 0.8 * 0.97 <= w / h <= 1.25 * 1.03
+    # a strip no crop of the allowed ratios fits: the centre crop of the nearest ratio
+    assert t.draw(200, 10, rng) == (0, (200 - 12) // 2, 10, 12)
+    assert t.draw(10, 10, random.Random(0)) is not None
+
+
+def test_batched_crop_on_one_image_draws_from_torch():
+    t = build_transform(32, "clip", train=True, train_scale=(0.3, 0.5))
+    img = _smooth(60, 40)
+    torch.manual_seed(0)
+    a = t(img)
+    torch.manual_seed(0)
+    b = t(img)
+    c = t(img)
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_bad_kind_and_scale():

@@ -44,6 +44,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     no_decay_on_bias_and_norm: bool = False
+    fused: Optional[bool] = None  # adam/adamw: one fused kernel per step; None = when every parameter is on the CPU
 
 
 @dataclass
