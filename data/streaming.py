@@ -113,7 +113,9 @@ def decode_pixels(data: bytes) -> torch.Tensor:
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
 
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+            if pixels.shape[0] in (1, 3):  # grey or RGB; CMYK converts as PIL does, below
+                return pixels.expand(3, -1, -1).contiguous()
         except RuntimeError:
             pass
     return torch.from_numpy(np.array(decode_image(data), dtype=np.uint8)).permute(2, 0, 1)

@@ -102,18 +102,61 @@ def build_transform(image_size: int, kind: str = "clip", train: bool = False,
         # open_clip's train pipeline (crop scale default (0.9, 1.0)), its pixel work batched in the loader
         return BatchedRandomResizedCrop(image_size, scale=train_scale or (0.9, 1.0), mean=mean, std=std)
     if kind == "clip":
-        aug = None
-        oc = open_clip.image_transform(image_size, is_train=train, mean=mean, std=std,
-                                       interpolation="bicubic", aug_cfg=aug)
+        oc = open_clip.image_transform(image_size, is_train=False, mean=mean, std=std, interpolation="bicubic")
         # open_clip converts the mode only after resizing; convert first so palette/alpha images resize as RGB
-        return Compose([_to_rgb, *oc.transforms])
+        return FixedSizeFastPath(Compose([_to_rgb, *oc.transforms]), image_size, mean, std)
 
     pad = TargetPad(target_ratio) if kind == "targetpad" else SquarePad()
     if train and train_scale is not None:
         geometry = [RandomResizedCrop(image_size, scale=train_scale, interpolation=InterpolationMode.BICUBIC)]
-    else:
-        geometry = [Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size)]
-    return Compose([_to_rgb, pad, *geometry, ToTensor(), Normalize(mean=mean, std=std)])
+        return Compose([_to_rgb, pad, *geometry, ToTensor(), Normalize(mean=mean, std=std)])
+    geometry = [Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size)]
+    return FixedSizeFastPath(Compose([_to_rgb, pad, *geometry, ToTensor(), Normalize(mean=mean, std=std)]),
+                             image_size, mean, std)
+
+
+def _normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 or 0-255 float pixels (B, 3, H, W) -> to_tensor + normalize, in torchvision's order of operations."""
+    return pixels.float().div_(255).sub_(mean).div_(std)
+
+
+class FixedSizeFastPath:
+    """A deterministic pipeline (pad, resize the short side, centre crop, to tensor, normalise) that a
+    stream runs per batch for images of exactly size x size, whose geometry it leaves as they are
+    (nothing to pad, torchvision returns an equal-size resize and crop unchanged): their pixels are
+    only normalised, together, with the same operations as ToTensor + Normalize, so the tensors are
+    bit-identical. Other images go through the pipeline one by one. Same repr as the pipeline (the
+    feature cache's key)."""
+
+    def __init__(self, pipeline: Compose, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.pipeline, self.size = pipeline, int(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    @property
+    def transforms(self) -> list:
+        return self.pipeline.transforms
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.pipeline(image)
+
+    def defer(self, pixels: torch.Tensor, rng: random.Random) -> "DeferredCrop | torch.Tensor":
+        if tuple(pixels.shape[1:]) == (self.size, self.size):
+            return DeferredCrop(pixels, None)
+        return self.pipeline(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+
+    def finish(self, items: Sequence["DeferredCrop | torch.Tensor"]) -> torch.Tensor:
+        out = torch.empty(len(items), 3, self.size, self.size)
+        rows = [i for i, it in enumerate(items) if isinstance(it, DeferredCrop)]
+        if rows:
+            out[rows] = _normalise(torch.stack([items[i].pixels for i in rows]), self.mean, self.std)
+        for i, it in enumerate(items):
+            if not isinstance(it, DeferredCrop):
+                out[i] = it
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.pipeline)
 
 
 # --------------------------------------------------------------------------- batched train crop
@@ -170,8 +213,8 @@ class BatchedRandomResizedCrop:
         self.size = int(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def draw(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(top, left, height, width) of a crop of random area (`scale` of the image's) and aspect ratio
@@ -211,7 +254,7 @@ class BatchedRandomResizedCrop:
             # PIL's two passes, horizontal first, each rounded and clipped to 8 bits
             y = (x @ wxt[:, None]).round_().clamp_(0, 255)
             y = (wy[:, None] @ y).round_().clamp_(0, 255)
-            out[rows] = (y - self.mean) / self.std
+            out[rows] = _normalise(y, self.mean, self.std)
         return out
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -220,4 +263,5 @@ class BatchedRandomResizedCrop:
         return self.finish([self.defer(pixels, rng)])[0]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})")

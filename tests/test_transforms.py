@@ -204,3 +204,18 @@ def test_bad_kind_and_scale():
         build_transform(32, "pad")
     with pytest.raises(ValueError, match="train_scale"):
         build_transform(32, "clip", train=True, train_scale=(0.9, 1.5))
+
+
+@pytest.mark.parametrize("kind", ["clip", "targetpad", "squarepad"])
+def test_fixed_pipelines_batch_exactly(kind):
+    """The evaluation pipelines (and CLIP4Cir's deterministic training ones) normalise images of the
+    input size per batch, bit-identical to the PIL pipeline; other sizes go through the pipeline."""
+    import random
+
+    t = build_transform(32, kind, train=False)
+    images = [_smooth(32, 32, seed=1), _smooth(32, 32, seed=2), _smooth(50, 32, seed=3), _smooth(40, 100, seed=4)]
+    items = [t.defer(torch.from_numpy(np.array(im)).permute(2, 0, 1), random.Random(0)) for im in images]
+    got = t.finish(items)
+    want = torch.stack([t(im) for im in images])
+    assert torch.equal(got, want)
+    assert repr(t) == repr(t.pipeline) and "Normalize" in repr(t)  # the feature cache's key is the pipeline's

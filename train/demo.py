@@ -184,6 +184,7 @@ def _combiner_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: 
     print("CLIP4Cir stage 1: fine-tuning both towers with the summed query (combiner-stage1.yaml)", flush=True)
     stage1 = _fit(recipes / "combiner-stage1.yaml", out, "combiner-stage1", common + [
         f"--model.init_args.backbone.pretrained={clip / 'backbone.safetensors'}",
+        "--data.init_args.num_workers=0",  # two branches already fill both cores: a worker only competes
         f"--data.init_args.train={w / 'triplets' / 'train'}", f"--data.init_args.val_sets=[{w / 'eval' / 'val'}]",
         f"--trainer.max_epochs={cfg['s1_epochs']}"])
     print("CLIP4Cir stage 2: the Combiner on cached frozen features (combiner.yaml)", flush=True)

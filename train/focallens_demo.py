@@ -25,7 +25,7 @@ COLUMNS = {"mAP@10": "mAP@10", "R@1": "R@1", "R@5": "R@5", "R@10": "R@10", "A-R@
 # "full" fits the demo's budget (~90 s on 2 loaded cores, eval included); "long" trains 8x longer (the
 # issue-14 measurement, `cirlab demo-focallens` after `make demo`); "fast" is a smoke run for tests
 SCALES: dict[str, dict[str, Any]] = {
-    "full": dict(epochs=6, steps=40, batch_size=128, warmup=30, gallery=400, queries=200, workers=2),
+    "full": dict(epochs=6, steps=40, batch_size=128, warmup=30, gallery=400, queries=200, workers=0),
     "long": dict(epochs=12, steps=160, batch_size=128, warmup=30, gallery=400, queries=200, workers=2),
     "fast": dict(epochs=1, steps=3, batch_size=32, warmup=1, gallery=48, queries=16, workers=0),
 }
