@@ -7,7 +7,7 @@ import sys
 
 BENCHMARKS = ("ranking_vs_faiss", "shards_vs_files", "combiner_cache", "lincir_step", "masking_processes",
               "feature_cache_growth", "resume_latency", "eval_ddp",
-              "pic2word_step", "text_padding", "clip_step", "clip_loader")
+              "pic2word_step", "text_padding", "clip_step", "clip_loader", "batched_transforms")
 
 
 def main() -> None:
