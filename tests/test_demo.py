@@ -53,3 +53,17 @@ def test_demo_fast_runs_every_step(tmp_path):
         assert not (export(run) / "backbone.safetensors").exists()
         pointer = json.loads((export(run) / "backbone.json").read_text())
         assert pointer["pretrained"] == str((export(source) / "backbone.safetensors").resolve())
+
+
+def test_the_demo_searle_follows_the_quickstart_recipe():
+    """The demo's SEARLE (training tokens, phi, query-time OTI) takes its regulariser weights from
+    recipes/quickstart/searle.yaml: a fifth of the reference's (docs/zero-shot-synthetic.md,
+    attempt 11), the step count from the demo's scale."""
+    from cirlab.train.demo import searle_settings
+
+    oti, phi_reg = searle_settings(40, seed=3)
+    assert (oti.steps, oti.batch_size, oti.seed) == (40, 64, 3)
+    assert oti.lambda_reg == 0.1 and oti.lambda_content == 1.0 and oti.top_k == 15  # reference: 0.5, 1, 15
+    assert oti.lr == 0.02  # the reference's
+    assert phi_reg == {"lambda_reg": 0.15, "top_k_concepts": 150}  # reference: 0.75, 150
+    assert searle_settings(2)[0].steps == 2

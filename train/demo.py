@@ -58,6 +58,19 @@ def _test(task: Any, test_set: Path) -> tuple[dict[str, float], dict[str, Any]]:
     return task.last_results["synthetic"], task.last_rankings["synthetic"]
 
 
+def searle_settings(oti_steps: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The demo's SEARLE follows recipes/quickstart/searle.yaml (one place for the synthetic world's
+    values): its OTI config (for the training tokens and for SEARLE-OTI at query time) with the
+    demo scale's step count, and phi's regulariser (`lambda_reg`, `top_k_concepts`)."""
+    import yaml
+
+    from cirlab.train.oti import OTIConfig
+
+    model = yaml.safe_load((_recipes() / "searle.yaml").read_text())["model"]["init_args"]
+    oti = OTIConfig(**{**model["oti"], "steps": oti_steps, "seed": seed})
+    return oti, {"lambda_reg": model["lambda_reg"], "top_k_concepts": model["top_k_concepts"]}
+
+
 def _load_module(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(load_file(str(path)))
 
@@ -97,7 +110,6 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
         _load_module(pw.mapper, pic2word / "mapper.safetensors")
         rows["Pic2Word (image-only training)"], ranks["Pic2Word (image-only training)"] = _test(pw, test_set)
     if searle is not None:
-        from cirlab.train.oti import OTIConfig
         from cirlab.train.searle_task import SEARLETask
 
         cfg = BackboneConfig(tiny, exported_backbone(searle), image_transform="targetpad")
@@ -106,7 +118,7 @@ def evaluate_all(out: Path, clip: Path, stage1: Path, stage2: Path, lincir: Path
         rows["SEARLE (phi distilled from OTI)"], ranks["SEARLE (phi distilled from OTI)"] = _test(sr, test_set)
         root = searle.parent  # <out>/searle/export -> <out>/searle (concepts, phrases)
         so = SEARLETask(inversion="oti", concepts=str(root / "concepts"), phrases=str(root / "phrases.jsonl"),
-                        oti=OTIConfig(steps=query_oti_steps, batch_size=64), backbone=cfg)
+                        oti=searle_settings(query_oti_steps)[0], backbone=cfg)
         rows["SEARLE-OTI (OTI at query time)"], ranks["SEARLE-OTI (OTI at query time)"] = _test(so, test_set)
     return rows, ranks
 
@@ -217,15 +229,13 @@ def _pic2word_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: 
 
 def _searle_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int) -> Path:
     """SEARLE: concepts, phrases, OTI tokens of the world's images, then phi distilled from them."""
-    from cirlab.train.oti import OTIConfig
     from cirlab.train.searle_task import searle_quickstart
 
     print("SEARLE: concepts, phrases, OTI on the world's images, then phi distilled from the tokens", flush=True)
     sc = cfg["searle"]
+    oti, phi_reg = searle_settings(sc["oti_steps"], seed)
     return Path(searle_quickstart(str(w), str(out / "searle"), str(clip / "backbone.safetensors"),
-                                  max_images=sc["max_images"], oti=OTIConfig(steps=sc["oti_steps"], batch_size=64,
-                                                                              seed=seed),
-                                  epochs=sc["epochs"], seed=seed))
+                                  max_images=sc["max_images"], oti=oti, epochs=sc["epochs"], seed=seed, **phi_reg))
 
 
 def _focallens_branch(out: Path, w: Path, clip: Path, cfg: dict[str, Any], seed: int,

@@ -361,7 +361,8 @@ def first_images(src: str | Path, out: str | Path, n: int, shard_size: int = 128
 def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_name: str = "cirlab-tiny",
                       max_images: Optional[int] = 512, concepts_k: int = 20, phrases_per_concept: int = 16,
                       oti: Optional[OTIConfig] = None, epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-                      seed: int = 0, accelerator: str = "cpu") -> Path:
+                      lambda_reg: float = 0.75, top_k_concepts: int = 150, seed: int = 0,
+                      accelerator: str = "cpu") -> Path:
     """concepts -> phrases -> OTI -> SEARLETask fit on a synthetic world folder (data/synthetic.py
     build_world); returns the export folder (phi.safetensors, backbone.json). `max_images`: SEARLE
     learns from the world's first N training images (OTI costs 40 tower passes per image here; None:
@@ -386,6 +387,7 @@ def searle_quickstart(world: str, out: str, pretrained: Optional[str], model_nam
     L.seed_everything(seed, verbose=False)
     task = SEARLETask(oti_tokens=str(root / "oti"), concepts=str(root / "concepts"),
                       phrases=str(root / "phrases.jsonl"), vocabulary=None, oti=cfg,
+                      lambda_reg=lambda_reg, top_k_concepts=top_k_concepts,
                       cache_dir=str(root / "feature_cache"), seed=seed,
                       backbone=BackboneConfig(model_name, pretrained, image_transform="targetpad"),
                       optimizer=OptimizerConfig(name="adamw", lr=lr, weight_decay=0.01))
