@@ -539,7 +539,8 @@ def _build_objects(out: Path, seed: int, image_size: int, seen: list[tuple[str, 
 
 def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, str]], n_scenes: int,
                  n_texts: int, instructions_per_scene: int, shard_size: int,
-                 n_difference_pairs: int = 0, absent_question_fraction: float = 0.0) -> dict[str, int]:
+                 n_difference_pairs: int = 0, absent_question_fraction: float = 0.0,
+                 text_difference_fraction: float = 0.0) -> dict[str, int]:
     rng, nrng = _py_rng(seed, 1), _np_rng(seed, 1)
     scenes = [random_scene(rng, seen) for _ in range(n_scenes)]
     ids = [f"train-s{i:06d}" for i in range(n_scenes)]
@@ -598,13 +599,17 @@ def _build_train(out: Path, seed: int, image_size: int, seen: list[tuple[str, st
                        "image_id": f"{sid}-r0", "question_type": qtype, "scene": sid}
     counts["instructions"] = write_shards(instructions(), out / "instructions", "instruction", shard_size).total
 
-    xrng = _py_rng(seed, 4)
+    xrng, trng = _py_rng(seed, 4), _py_rng(seed, 12)
 
     def texts() -> Iterator[dict[str, Any]]:
-        # The training captions first, then captions of more scenes of the same distribution.
+        # The training scenes first, then more scenes of the same distribution. A web text corpus
+        # holds the language pairs/ does, difference captions included (LinCIR's phi learns where its
+        # token sits from these texts alone); which texts are, and their edits, come from trng.
         for i in range(n_texts):
             scene = scenes[i] if i < n_scenes else random_scene(xrng, seen)
-            yield {"id": f"text-{i:07d}", "text": training_caption(scene, xrng)}
+            edit = random_edit(scene, trng, seen) if trng.random() < text_difference_fraction else None
+            text = difference_caption(scene, edit[2], trng) if edit else training_caption(scene, xrng)
+            yield {"id": f"text-{i:07d}", "text": text}
     counts["texts"] = write_shards(texts(), out / "texts", "text", max(shard_size, 10_000)).total
     return counts
 
@@ -713,7 +718,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
                 n_difference_pairs: int | None = None, n_objects: int | None = None,
                 renders_per_scene: int = 3, n_distractor_scenes: int | None = None,
                 held_out: Sequence[tuple[str, str]] = HELD_OUT, held_out_fraction: float = 0.5,
-                instructions_per_scene: int = 2, absent_question_fraction: float = 0.5, shard_size: int = 1000,
+                instructions_per_scene: int = 2, absent_question_fraction: float = 0.5,
+                text_difference_fraction: float = 0.5, shard_size: int = 1000,
                 workers: int | None = None) -> WorldManifest:
     """Write the synthetic world into ``out_dir`` (pairs, images, texts, triplets, instructions, eval sets).
 
@@ -724,7 +730,10 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     and 400 test queries (half of the test queries target a held-out combination), 3 renderings per
     evaluation scene; instructions/ holds 2 questions per scene that apply to it and, for that fraction
     of the scenes (`absent_question_fraction`, 0.5), one about a shape or colour it lacks, answered
-    "none" (`absent_question`). Same arguments -> byte-identical shard contents.
+    "none" (`absent_question`). texts/ (LinCIR's text-only corpus) holds the language of pairs/: that
+    fraction of its texts (`text_difference_fraction`, 0.5, pairs/'s share by default) are difference
+    captions of an edit of their scene ("a photo of {scene} that {edit}"), the rest varied captions.
+    Same arguments -> byte-identical shard contents.
 
     ``workers``: processes writing the parts side by side (each part draws from its own random
     streams, so the bytes do not depend on it); default 2 from 1000 training scenes on, else 1.
@@ -735,6 +744,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
         raise ValueError(f"held_out_fraction={held_out_fraction} must lie in [0, 1]")
     if not 0.0 <= absent_question_fraction <= 1.0:
         raise ValueError(f"absent_question_fraction={absent_question_fraction} must lie in [0, 1]")
+    if not 0.0 <= text_difference_fraction <= 1.0:
+        raise ValueError(f"text_difference_fraction={text_difference_fraction} must lie in [0, 1]")
     seen = [c for c in ALL_COMBOS if c not in held]
     n_triplets = 2 * n_train_scenes if n_triplets is None else n_triplets
     n_texts = 5 * n_train_scenes if n_texts is None else n_texts
@@ -747,7 +758,7 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
     # (function, arguments) of every part, the heaviest first; each writes its own folders
     parts = [(_build_triplets, (out, seed, image_size, seen, n_train_scenes, n_triplets, shard_size)),
              (_build_train, (out, seed, image_size, seen, n_train_scenes, n_texts, instructions_per_scene,
-                             shard_size, n_difference_pairs, absent_question_fraction))]
+                             shard_size, n_difference_pairs, absent_question_fraction, text_difference_fraction))]
     parts += [(_build_eval, (out, split, stream, seed, image_size, n_eval_queries, renders_per_scene, seen, held,
                              held_out_fraction, n_distractors, shard_size)) for split, stream in (("val", 10), ("test", 11))]
     parts.append((_build_objects, (out, seed, image_size, seen, n_objects, shard_size)))
@@ -773,7 +784,8 @@ def build_world(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64,
               "n_eval_queries": n_eval_queries, "renders_per_scene": renders_per_scene,
               "n_distractor_scenes": n_distractors, "held_out_fraction": held_out_fraction,
               "instructions_per_scene": instructions_per_scene,
-              "absent_question_fraction": absent_question_fraction, "shard_size": shard_size}
+              "absent_question_fraction": absent_question_fraction,
+              "text_difference_fraction": text_difference_fraction, "shard_size": shard_size}
     manifest = WorldManifest(out, seed, image_size, held, counts, params, dict(FOLDERS))
     (out / MANIFEST_NAME).write_text(json.dumps(manifest.to_json(), indent=1))
     manifest.seconds = time.perf_counter() - t0

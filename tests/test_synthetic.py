@@ -346,6 +346,38 @@ def test_world_absent_questions(world, tmp_path):
         S.build_world(tmp_path / "x", absent_question_fraction=1.5)
 
 
+MENTION = re.compile(r"^a (?:(small|large) )?(?:(\w+) )?(circle|square|triangle|diamond)(?: at the ([a-z ]+))?$")
+
+
+def test_world_texts_hold_difference_captions_of_their_scene(world, tmp_path):
+    """texts/ (LinCIR's corpus) speaks pairs/'s language: about half its texts describe an edit of
+    their scene, with a reference description true of that scene; the fraction changes no other part."""
+    n = SMALL["n_train_scenes"]
+    texts = {s["id"]: s["txt"] for s in samples(world.path("texts"))}
+    edit = re.compile(r"^(?:a photo of )?(.+?)(?: that| ,| , but| after the edit :) (?:make|turn|move|add|remove) ")
+    diffs = {i: t for i, t in texts.items() if edit.search(t)}
+    assert 0.4 * len(texts) < len(diffs) < 0.6 * len(texts)
+    scene_of = {s["scene"]: parse_caption(s["scene_caption"]) for s in samples(world.path("pairs"))}
+    checked = 0
+    for tid, t in diffs.items():
+        i = int(tid.split("-")[1])
+        if i >= n:
+            continue  # a scene drawn for texts/ only: no full caption to check against
+        scene = scene_of[f"train-s{i:06d}"]
+        for mention in re.split(r", | and ", edit.search(t).group(1)):
+            size, colour, shape, pos = MENTION.match(mention).groups()
+            assert any(o.shape == shape and size in (None, o.size) and colour in (None, o.colour)
+                       and pos in (None, S.POSITIONS[o.cell]) for o in scene), (t, scene)
+        checked += 1
+    assert checked > 0.4 * n
+    plain = S.build_world(tmp_path / "plain", seed=3, text_difference_fraction=0.0, **SMALL)
+    assert not any(edit.search(s["txt"]) for s in samples(plain.path("texts")))
+    for part in ("pairs", "pairs_val", "images", "instructions", "triplets/train", "eval/val", "eval/test", "objects"):
+        assert tar_contents_digest(plain.path(part)) == tar_contents_digest(world.path(part)), part
+    with pytest.raises(ValueError, match="text_difference_fraction"):
+        S.build_world(tmp_path / "x", text_difference_fraction=-0.1)
+
+
 # ----------------------------------------------------------------------------- rendering
 def test_renderings_vary_but_keep_the_scene():
     scene = S.canonical([S.Obj(0, "circle", "red", "large"), S.Obj(8, "square", "blue", "small")])

@@ -23,7 +23,7 @@ COLUMNS = ("R@1", "R@5", "R@10", "mAP@5", "mAP@10")
 
 # (world scenes, eval queries, clip epochs, stage-1 epochs, stage-2 epochs, lincir epochs, SEARLE sizes)
 SCALES = {
-    "full": dict(scenes=4000, queries=400, clip_epochs=20, s1_epochs=3, s2_epochs=20, lincir_epochs=6, p2w_epochs=8,
+    "full": dict(scenes=4000, queries=400, clip_epochs=20, s1_epochs=3, s2_epochs=20, lincir_epochs=4, p2w_epochs=8,
                  searle=dict(max_images=512, oti_steps=40, epochs=10), searle_query_oti_steps=40),
     # a smoke run of every step (tests): a few steps each
     "fast": dict(scenes=150, queries=30, clip_epochs=1, s1_epochs=1, s2_epochs=1, lincir_epochs=1, p2w_epochs=1,
