@@ -38,6 +38,11 @@ def test_demo_fast_runs_every_step(tmp_path):
     assert "Conditional retrieval" in md and "FocalLens" in (tmp_path / "demo" / "results.md").read_text()
     page = (tmp_path / "demo" / "report.html").read_text()
     assert page.count("<img") >= 8 and "Combiner" in page
+    logs = sorted((tmp_path / "demo" / "logs").glob("*.log"))  # each branch's output, whole and clean
+    assert [p.stem for p in logs] == ["combiner", "focallens", "lincir", "pic2word", "searle"]
+    for log in logs:
+        text = log.read_text()
+        assert "Traceback" not in text and "`Trainer.fit` stopped" in text, (log.name, text[-2000:])
     runs = tmp_path / "demo" / "runs"
     assert (tmp_path / "demo" / "report.png").is_file()  # the grid for papers and slides
     export = lambda run: runs / run / "version_0" / "export"  # noqa: E731  (each run its own version)
@@ -67,3 +72,26 @@ def test_the_demo_searle_follows_the_quickstart_recipe():
     assert oti.lr == 0.02  # the reference's
     assert phi_reg == {"lambda_reg": 0.15, "top_k_concepts": 150}  # reference: 0.75, 150
     assert searle_settings(2)[0].steps == 2
+
+
+def test_a_branch_log_keeps_the_messages_of_handlers_made_in_an_earlier_branch(tmp_path):
+    """A demo process runs branches one after another, each into its own log. A logging handler made
+    during the first (Lightning's and wandb's are, on import) holds the stream of that moment; the
+    second branch's messages through it must land in the second log, not raise "I/O operation on
+    closed file" tracebacks into it (run S's lincir/pic2word/searle logs held 4-6 of them)."""
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cirlab.train.demo import _in_log
+
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_in_log, str(first), logging.basicConfig).result()  # a handler on this moment's stderr
+        pool.submit(_in_log, str(first.with_suffix(".x")), print, "a line of the first branch").result()
+        pool.submit(_in_log, str(second), logging.warning, "a message of a later branch").result()
+    text = second.read_text()
+    assert "a message of a later branch" in text, text
+    assert "Traceback" not in text and "Logging error" not in text, text
+    assert "a line of the first branch" in first.with_suffix(".x").read_text()
+    assert "later branch" not in first.read_text()

@@ -252,13 +252,25 @@ def _in_log(log: str, fn: Any, *args: Any) -> tuple[Any, float]:
     import sys
 
     torch.set_num_threads(1)  # two branches share the two cores
-    with open(log, "w", buffering=1) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        sys.stdout = sys.stderr = f
+    # Redirect file descriptors 1 and 2 only, and keep this process's sys.stdout / sys.stderr: a
+    # logging handler made in an earlier branch (Lightning's and wandb's, on import) holds the stream
+    # of that moment, which must stay open and now write into this branch's log.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a file now, not a terminal: each line lands as written
+            stream.reconfigure(line_buffering=True)
+    try:
         t = time.perf_counter()
         result = fn(*args)
         return result, time.perf_counter() - t
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # the log is whole when the parent reports the branch done
 
 
 def _run_branches(out: Path, branches: dict[str, tuple[Any, tuple]]) -> dict[str, Any]:
