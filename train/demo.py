@@ -12,6 +12,7 @@ plain CLIP vs FocalLens) and write a report page with a few queries and their to
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -52,9 +53,16 @@ def _test(task: Any, test_set: Path) -> tuple[dict[str, float], dict[str, Any]]:
     from cirlab.data.retrieval import RetrievalDataModule
 
     dm = RetrievalDataModule(test_sets=[str(test_set)], eval_batch_size=256, num_workers=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(task, datamodule=dm, verbose=False)
+    # nine rows: the trainer's "GPU available ..." lines once per row would bury the table
+    info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = info.level
+    info.setLevel(logging.WARNING)
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.test(task, datamodule=dm, verbose=False)
+    finally:
+        info.setLevel(level)
     return task.last_results["synthetic"], task.last_rankings["synthetic"]
 
 
