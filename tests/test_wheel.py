@@ -23,12 +23,19 @@ def test_quickstart_recipe_runs_from_an_installed_wheel_in_an_empty_folder(tmp_p
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # a quiet build: setuptools warns about each shipped data folder missing from pyproject's packages
+    assert "would be ignored" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     wheel = next(dist.glob("cirlab-*.whl"))
     site = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (site / "cirlab" / "recipes" / "quickstart" / "clip.yaml").is_file()
+    # every recipe and model config of the clone ships
+    shipped = sorted(str(p.relative_to(site / "cirlab" / "recipes")) for p in (site / "cirlab" / "recipes").rglob("*.yaml"))
+    assert shipped == sorted(str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").rglob("*.yaml"))
+    assert "quickstart/clip.yaml" in shipped
+    configs = sorted(p.name for p in (site / "cirlab" / "models" / "model_configs").glob("*.json"))
+    assert configs == sorted(p.name for p in (REPO / "models" / "model_configs").glob("*.json")) and configs
     work = tmp_path / "empty"
     work.mkdir()
     # the wheel's copy comes first on the path; the clone's editable finder never gets asked
