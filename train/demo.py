@@ -312,8 +312,13 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
     `if __name__ == "__main__":` (multiprocessing's rule for spawn)."""
     from cirlab.data.synthetic import build_world
 
+    import warnings
+
     cfg = SCALES[scale]
     out = Path(out).resolve()
+    # the demo runs on this machine by design: Lightning's hint to launch through srun, printed at
+    # each fit where SLURM is installed, is noise here (slurm/ holds the cluster jobs)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
     t0 = time.perf_counter()
     print(f"[1/5] writing the synthetic world ({cfg['scenes']} training scenes) to {out / 'world'}")
     world = build_world(out / "world", seed=seed, n_train_scenes=cfg["scenes"], n_eval_queries=cfg["queries"])
