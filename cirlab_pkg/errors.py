@@ -18,3 +18,20 @@ class CirlabError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+# What `cirlab` reports as one line: a CirlabError, or a path that is not there (a recipe's file or
+# folder, a flag's). Anything else is a bug of ours and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (CirlabError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def user_error_in(err: BaseException | None) -> BaseException | None:
+    """The user's mistake behind `err`: `err` itself or an exception it was raised from (jsonargparse
+    raises its own ValueError from what a recipe's class raises while it is built), else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None

@@ -232,8 +232,9 @@ def resolve_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> S
             if _is_local(url):
                 path = Path(url.removeprefix("file:"))
                 if not path.is_file():
-                    raise FileNotFoundError(f"shard {url} does not exist: check the path, or write the "
-                                            f"shards first (cirlab data convert)")
+                    raise FileNotFoundError(f"no shard folder or tar file at {url}: check the path, or write "
+                                            "the shards first (`cirlab data convert`; the quickstart recipes' "
+                                            "world: `cirlab data synthetic --out demo_out/world`)")
                 meta = _index_counts(path.parent, cache)
                 if meta is not None and "__kind__" in meta:
                     kinds.add(str(meta["__kind__"]))

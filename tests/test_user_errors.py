@@ -508,3 +508,42 @@ def test_a_missing_or_foreign_data_folder_and_a_wrong_kind_are_one_error(tmp_pat
     with pytest.raises(ValueError, match="unknown sample kind 'triplets'") as info:
         check_kind("triplets")
     assert isinstance(info.value, CirlabError) and "pair, image, text, triplet" in info.value.hint
+
+
+def test_a_quickstart_recipe_in_an_empty_folder_is_one_error_naming_what_is_missing(tmp_path, capsys, monkeypatch):
+    """A new user's first `cirlab fit` before writing the world, or before the run a recipe starts
+    from: one line naming the missing path. Before: the missing shards hid behind "the cosine
+    schedule needs its length" (the step estimate swallowed the error), the missing checkpoint behind
+    90 lines of jsonargparse's traceback (it wraps what a recipe's class raises while it is built)."""
+    monkeypatch.chdir(tmp_path)
+    lightning_info = lambda err: "\n".join(x for x in err.splitlines() if not x.startswith("INFO: "))  # noqa: E731
+    code, _, err = cirlab(capsys, "fit", "-c", "quickstart/clip")
+    text = assert_one_error(code, lightning_info(err), "fit", "no shard folder or tar file at demo_out/world/pairs",
+                            "cirlab data synthetic --out demo_out/world")
+    assert "schedule" not in text
+    code, _, err = cirlab(capsys, "fit", "-c", "quickstart/combiner")
+    assert_one_error(code, lightning_info(err), "fit", "pretrained checkpoint file not found",
+                     "demo_out/runs/combiner-stage1/version_0/export/backbone.safetensors")
+
+
+def test_only_the_users_mistake_behind_an_error_is_shortened():
+    from cirlab.errors import user_error_in
+
+    missing = FileNotFoundError("no file at x")
+    try:
+        try:
+            raise missing
+        except FileNotFoundError as inner:
+            raise ValueError("Does not validate against any of the Union subtypes") from inner
+    except ValueError as wrapped:
+        assert user_error_in(wrapped) is missing
+    try:  # an error raised while handling a missing file, not from it: a bug, kept whole
+        try:
+            raise FileNotFoundError("cache miss")
+        except FileNotFoundError:
+            raise KeyError("a bug")
+    except KeyError as bug:
+        assert user_error_in(bug) is None
+    assert user_error_in(RuntimeError("a bug")) is None
+    mistake = CirlabError("bad key", "fix it")
+    assert user_error_in(RuntimeError("wrapped")) is None and user_error_in(mistake) is mistake

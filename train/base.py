@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.errors import CirlabError
+from cirlab.errors import USER_ERRORS, CirlabError
 from cirlab.models.backbone import Backbone
 from cirlab.train.config import BackboneConfig, EvalConfig, OptimizerConfig, SchedulerConfig
 from cirlab.train.optim import build_optimizer, lr_lambda
@@ -188,6 +188,8 @@ class BaseTask(L.LightningModule):
         if self._trainer is not None:
             try:
                 estimate = float(self.trainer.estimated_stepping_batches)
+            except USER_ERRORS:  # missing shards: that, not the schedule, is what the user must fix
+                raise
             except Exception as err:  # an unsized loader
                 log.debug("no step estimate: %s", err)
         if estimate is None or not 0 < estimate < 10**12:

@@ -33,7 +33,8 @@ cirlab commands:
   searle     SEARLE's batch jobs before fit: concepts, phrases, oti (recipes/searle/)
   recipes    list the recipes that ship with cirlab (cirlab recipes; cirlab recipes show NAME)
   slurm      render and submit sbatch jobs for a recipe: cirlab slurm submit -c RECIPE --nodes 2 ...
-  demo       the quickstart: synthetic world -> tiny CLIP -> Combiner (2 stages) + LinCIR -> table
+  demo       the quickstart: synthetic world -> tiny CLIP -> every method (Combiner, LinCIR, Pic2Word,
+             SEARLE, FocalLens) -> tables and a report page
   demo-focallens  after `cirlab demo`: FocalLens trained 8x longer on its world -> conditional table
 
 Options of every command: --debug (show the traceback of an error).
@@ -233,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     quiet_known_noise()
-    from cirlab.errors import CirlabError
+    from cirlab.errors import CirlabError, user_error_in
 
     try:
         if command in LIGHTNING_COMMANDS:
@@ -247,6 +248,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  hint: {err.hint}", file=sys.stderr)
         return 2
     except Exception as err:
+        mistake = None if debug else user_error_in(err)
+        if mistake is not None:  # a missing path, or a CirlabError raised while a recipe's class was built
+            message = mistake.message if isinstance(mistake, CirlabError) else str(mistake)
+            hint = mistake.hint if isinstance(mistake, CirlabError) else None
+            print(f"cirlab {command}: error: {' '.join(message.split())}", file=sys.stderr)
+            print(f"  hint: {hint or 'check the path (--debug shows the traceback)'}", file=sys.stderr)
+            return 2
         # Lightning's verdict on a trainer setting is the user's to fix: one line too
         if debug or type(err).__name__ != "MisconfigurationException":
             raise
