@@ -277,3 +277,43 @@ def test_gradient_checkpointing_gives_the_same_phi_gradients(monkeypatch):
         assert bool(calls) == gc  # the text tower really ran checkpointed blocks
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_a_checkpoint_from_a_run_export_carries_the_image_tower_its_evaluation_needs(small_world, tmp_path):
+    """LinCIR trains without the image tower. From a run's export (the quickstart's CLIP), the checkpoint
+    embeds the frozen backbone, since a rerun may replace that file; it must embed the image tower too,
+    or `cirlab evaluate --ckpt` cannot rank images ("trained without its image tower and from random
+    weights", the quickstart's LinCIR checkpoint until 2026-12-07)."""
+    from safetensors.torch import save_file
+
+    from cirlab.models.backbone import Backbone
+    from cirlab.train.checkpointing import load_task
+
+    torch.manual_seed(0)
+    export = tmp_path / "runs" / "clip" / "version_0" / "export"
+    export.mkdir(parents=True)
+    clip = Backbone("cirlab-tiny").eval()
+    save_file({k: v.contiguous() for k, v in clip.merged_state_dict().items()}, str(export / "backbone.safetensors"))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = clip.encode_image(images)  # the export's image tower, before the file goes away
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", str(export / "backbone.safetensors")),
+                      masking=MaskingConfig("lexicon", "synthetic"), cache_dir=str(tmp_path / "cache"))
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=16,
+                             steps_per_epoch=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=dm)
+    assert task.backbone.image_parameters() == []  # trained without it
+    ckpt = tmp_path / "lincir.ckpt"
+    trainer.save_checkpoint(ckpt)
+    (export / "backbone.safetensors").unlink()  # a rerun replaces it; the checkpoint must not need it
+
+    loaded = load_task(ckpt)
+    assert loaded.backbone_cfg.pretrained is None  # embedded, not pointed at
+    loaded.prepare_for_evaluation()
+    with torch.no_grad():
+        assert torch.allclose(loaded.backbone.encode_image(images), expected, atol=1e-6)
+    assert all(not p.requires_grad for p in loaded.backbone.model.visual.parameters())
+    trained = task.phi.state_dict()
+    assert trained and all(torch.equal(v, trained[k]) for k, v in loaded.phi.state_dict().items())

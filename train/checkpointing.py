@@ -86,6 +86,8 @@ def save_task_state(task: Any, checkpoint: dict[str, Any]) -> None:
             if "backbone" in hp:
                 hp["backbone"] = _with_pretrained(hp["backbone"], None)
             _drop_visual_if_absent(task, checkpoint["state_dict"])
+            if not include_visual:  # LinCIR: the tower its evaluation ranks images with, from the same export
+                checkpoint["state_dict"].update(_export_image_tower(path))
             return
         if "backbone" in hp:
             hp["backbone"] = _with_pretrained(hp["backbone"], str(path))  # loads from any folder
@@ -97,6 +99,17 @@ def save_task_state(task: Any, checkpoint: dict[str, Any]) -> None:
     sd = checkpoint["state_dict"]
     for k in [k for k in sd if k.startswith(_BACKBONE_PREFIX)]:
         del sd[k]
+
+
+_VISUAL_PREFIX = _BACKBONE_PREFIX + "model.visual."
+
+
+def _export_image_tower(path: Path) -> dict[str, torch.Tensor]:
+    """The image tower's weights in a run's export (open_clip keys, written by cirlab), read alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {_BACKBONE_PREFIX + "model." + k: f.get_tensor(k) for k in f.keys() if k.startswith("visual.")}
 
 
 def _drop_visual_if_absent(task: Any, sd: dict[str, Any]) -> None:
@@ -124,6 +137,11 @@ def load_task_state(task: Any, checkpoint: dict[str, Any]) -> None:
     if record is not None and not record.get("embedded") or checkpoint.get("cirlab_backbone_omitted"):
         for k, v in task.backbone.state_dict(prefix=_BACKBONE_PREFIX).items():
             sd.setdefault(k, v)
+    if getattr(task.backbone.model, "visual", None) is None:
+        # an embedded image tower for a task built without one (LinCIR): kept for ensure_image_tower
+        tower = {k[len(_VISUAL_PREFIX):]: sd.pop(k) for k in [k for k in sd if k.startswith(_VISUAL_PREFIX)]}
+        if tower:
+            task._embedded_image_tower = tower
     own = task.state_dict()
     # trained without an image tower (LinCIR), loaded with one: the tower is the fresh one built
     for k, v in own.items():

@@ -53,13 +53,20 @@ class ComposedRetrievalTask(BaseTask):
         """Load the image tower a text-only run (LinCIR) left out, frozen, from `backbone.pretrained`."""
         if getattr(self.backbone.model, "visual", None) is not None:
             return
-        if not self.backbone_cfg.pretrained:
+        from cirlab.models.backbone import Backbone
+        from cirlab.models.loading import quiet_random_init
+
+        embedded = getattr(self, "_embedded_image_tower", None)  # a checkpoint that carries it (checkpointing.py)
+        if embedded is not None:
+            with quiet_random_init():  # the checkpoint's weights replace the random ones at once
+                fresh = Backbone(self.backbone_cfg.model_name, None)
+            fresh.model.visual.load_state_dict(embedded)
+        elif not self.backbone_cfg.pretrained:
             raise CirlabError(f"{type(self).__name__} was trained without its image tower and from random "
                               "weights, so no image tower can be rebuilt to rank images",
                               "train from a pretrained backbone (backbone.pretrained)")
-        from cirlab.models.backbone import Backbone
-
-        fresh = Backbone(self.backbone_cfg.model_name, self.backbone_cfg.pretrained)
+        else:
+            fresh = Backbone(self.backbone_cfg.model_name, self.backbone_cfg.pretrained)
         visual = fresh.model.visual.to(self.device)
         visual.requires_grad_(False)
         visual.eval()
