@@ -37,6 +37,14 @@ def test_fast_demo_returns_both_rows(small_world, clip_export, tmp_path, capsys)
     export = list((tmp_path / "fl" / "runs" / "focallens").glob("version_*/export/focallens.safetensors"))
     assert len(export) == 1 and load_file(str(export[0]))["gate"].abs().max() > 0
     assert (tmp_path / "fl" / "conditional" / "protocol.json").is_file()
+    # the run's checkpoint through `cirlab evaluate` scores the same as the demo's row
+    ckpt = next((tmp_path / "fl" / "runs" / "focallens").glob("version_*/checkpoints/*.ckpt"))
+    assert main(["evaluate", "--ckpt", str(ckpt), "--sets", str(tmp_path / "fl" / "conditional"),
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    (name, metrics), = scored.items()
+    for key in ("mAP@10", "R@1", "A-R@1"):
+        assert abs(metrics[key] - rows[FOCALLENS_ROW][key]) < 1e-6, (name, key)
 
 
 def test_bad_inputs_are_clear_errors(small_world, clip_export, tmp_path):

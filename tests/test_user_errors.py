@@ -547,3 +547,25 @@ def test_only_the_users_mistake_behind_an_error_is_shortened():
     assert user_error_in(RuntimeError("a bug")) is None
     mistake = CirlabError("bad key", "fix it")
     assert user_error_in(RuntimeError("wrapped")) is None and user_error_in(mistake) is mistake
+
+
+def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small_world, tmp_path, capsys):
+    """A CLIP pre-training checkpoint given to `cirlab evaluate` (its validation is image<->text recall):
+    one line saying so and what to run instead, not Lightning's "No `test_step()` method defined"."""
+    import lightning as L
+
+    from cirlab.data.retrieval import RetrievalDataModule
+    from cirlab.train.clip_task import CLIPTask
+    from cirlab.train.config import BackboneConfig
+
+    task = CLIPTask(backbone=BackboneConfig("cirlab-tiny"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=RetrievalDataModule(train=str(small_world.path("pairs")), kind="pair",
+                                                     batch_size=8, steps_per_epoch=1, num_workers=0))
+    trainer.save_checkpoint(tmp_path / "clip.ckpt")
+    code, _, err = cirlab(capsys, "evaluate", "--ckpt", str(tmp_path / "clip.ckpt"),
+                          "--sets", str(small_world.root / "eval" / "test"))
+    err = "\n".join(x for x in err.splitlines() if not x.startswith("INFO: "))
+    assert_one_error(code, err, "evaluate", "holds a CLIPTask, which does not rank evaluation sets",
+                     "cirlab validate -c RECIPE --ckpt_path CKPT", "BaselineTask")

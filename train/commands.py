@@ -31,6 +31,12 @@ def evaluate(task: Any, sets: Sequence[str], batch_size: int = 128, accelerator:
     return task.last_results
 
 
+def _ranks_evaluation_sets(task: Any) -> bool:
+    import lightning as L
+
+    return type(task).test_step is not L.LightningModule.test_step
+
+
 def format_metrics(name: str, metrics: dict[str, float]) -> str:
     """One line of overall metrics, then one indented line per breakdown field ("change=colour/R@10")."""
     overall = {k: v for k, v in metrics.items() if "=" not in k}
@@ -62,9 +68,23 @@ def evaluate_command(ckpt: str, sets: list[str], out: Optional[str] = None, batc
     for s in sets:  # fail before loading the model, naming the folder
         load_eval_set(s)
     task = load_task(ckpt)
+    from cirlab.train.conditional import ConditionalEmbeddingTask
+
+    if isinstance(task, ConditionalEmbeddingTask):  # FocalLens: image + instruction -> images, its own protocol
+        return _report(task.evaluate_conditional_sets(list(sets)), out)
+    if not _ranks_evaluation_sets(task):
+        raise CirlabError(f"{ckpt} holds a {type(task).__name__}, which does not rank evaluation sets "
+                          "(`cirlab evaluate` scores composed-retrieval and conditional tasks)",
+                          "a CLIP or warm-up run is scored by its own validation: `cirlab validate -c RECIPE "
+                          "--ckpt_path CKPT`; its backbone as a zero-training baseline on these sets: "
+                          "cirlab.train.baselines.BaselineTask with backbone.pretrained = the run's "
+                          "export/backbone.safetensors, then cirlab.train.commands.evaluate")
     if submission_dir:
         task.eval_cfg.submission_dir = submission_dir
-    results = evaluate(task, sets, batch_size, accelerator)
+    return _report(evaluate(task, sets, batch_size, accelerator), out)
+
+
+def _report(results: dict[str, dict[str, float]], out: Optional[str]) -> int:
     for name, metrics in results.items():
         print(format_metrics(name, metrics))
     if out:
