@@ -294,7 +294,12 @@ def test_retrieve_mistakes_are_one_error_line(combiner_ckpt, gallery_dir, tmp_pa
     (broken / "b.jpg").write_bytes(b"garbage")
     zero = tmp_path / "zero.png"
     zero.write_bytes(b"")
+    shards = tmp_path / "shards"  # a shard folder (the synthetic world's images/) holds no image files
+    shards.mkdir()
+    (shards / "index.json").write_text("{}")
+    (shards / "shard-000000.tar").write_bytes(b"")
     for gallery, query, fragments in [
+        (shards, image, ["holds shards (index.json), not image files", "folder of image files"]),
         (tmp_path / "nowhere", image, ["gallery folder", "nowhere", "does not exist", "--gallery"]),
         (empty, image, ["no images (.jpg", str(empty)]),
         (broken, image, ["none of the 2 gallery images is readable", "a.png (empty file (0 bytes))"]),

@@ -34,6 +34,10 @@ def list_images(folder: str | Path) -> list[Path]:
     if not root.is_dir():
         raise RetrieveError(f"gallery folder {root} does not exist", "pass the folder of images to search with --gallery")
     files = list_image_files(root)
+    if not files and (root / "index.json").is_file():
+        raise RetrieveError(f"{root} holds shards (index.json), not image files",
+                            "--gallery takes a folder of image files (your photos); the synthetic world's "
+                            "retrievals are on `cirlab demo`'s report page (demo_out/report.html)")
     if not files:
         raise RetrieveError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}",
                             "pass the folder of images to search with --gallery")
