@@ -317,3 +317,45 @@ def test_a_checkpoint_from_a_run_export_carries_the_image_tower_its_evaluation_n
     assert all(not p.requires_grad for p in loaded.backbone.model.visual.parameters())
     trained = task.phi.state_dict()
     assert trained and all(torch.equal(v, trained[k]) for k, v in loaded.phi.state_dict().items())
+
+
+def test_a_flag_typed_with_ckpt_path_wins_over_the_checkpoints_setting(small_world, tmp_path, caplog):
+    """`cirlab test -c RECIPE --ckpt_path C --model.init_args.X=...`: Lightning parses the checkpoint's
+    settings over the command line's, so the typed flag was silently dropped (SEARLE-OTI evaluated as
+    SEARLE). The typed flag wins, with a warning naming the change; the rest stays the checkpoint's."""
+    from safetensors.torch import save_file
+
+    from cirlab.models.backbone import Backbone
+    from cirlab.train.cli import run_lightning
+
+    torch.manual_seed(0)
+    clip = tmp_path / "clip.safetensors"  # the image tower the test ranks with comes from here
+    save_file({k: v.contiguous() for k, v in Backbone("cirlab-tiny").merged_state_dict().items()}, str(clip))
+    task = LinCIRTask(backbone=BackboneConfig("cirlab-tiny", str(clip)), masking=MaskingConfig("lexicon", "synthetic"),
+                      cache_dir=str(tmp_path / "cache"), phi_dropout=0.25, dollar_in_text="literal")
+    dm = RetrievalDataModule(train=str(small_world.path("texts")), kind="text", batch_size=16,
+                             steps_per_epoch=1, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(task, datamodule=dm)
+    ckpt = tmp_path / "lincir.ckpt"
+    trainer.save_checkpoint(ckpt)
+    args = ["test", "-c", "quickstart/lincir", "--ckpt_path", str(ckpt), f"--data.init_args.train={small_world.path('texts')}",
+            f"--data.init_args.test_sets=[{small_world.root / 'eval' / 'test'}]",
+            f"--model.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    with caplog.at_level("WARNING", logger="cirlab"):
+        cli = run_lightning(args + ["--model.init_args.prompt=a picture of $ that {}"])
+    assert cli.model.prompt == "a picture of $ that {}"  # typed
+    assert cli.model.phi_dropout == 0.25  # the checkpoint's (the default is 0.5)
+    assert cli.model.backbone_cfg.pretrained == str(clip)  # the checkpoint's, not the recipe's demo_out path
+    assert "prompt: 'a photo of $ that {}' -> 'a picture of $ that {}'" in caplog.text
+    cli = run_lightning(args)
+    assert cli.model.prompt == "a photo of $ that {}" and cli.model.phi_dropout == 0.25
+
+
+def test_a_null_pretrained_flag_means_random_init():
+    # LightningCLI hands `--model.init_args.backbone.pretrained=null` over as the string "None"
+    assert BackboneConfig("cirlab-tiny", "None").pretrained is None
+    assert BackboneConfig("cirlab-tiny", "null").pretrained is None
+    assert BackboneConfig("cirlab-tiny", "runs/x/export/backbone.safetensors").pretrained.endswith(".safetensors")

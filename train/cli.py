@@ -7,6 +7,7 @@ without torch or Lightning. A user error (`cirlab.errors.CirlabError`) prints on
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import logging
@@ -93,6 +94,22 @@ def precision_for_device(requested: str, on_cuda: bool, bf16_supported: bool) ->
     return requested
 
 
+def _typed_model_keys(argv: list[str]) -> list[str]:
+    """The model settings given as flags (`--model.init_args.oti.steps=4` -> "oti.steps")."""
+    keys = []
+    for arg in argv:
+        if arg.startswith("--model."):
+            key = arg[len("--model."):].split("=", 1)[0].removeprefix("init_args.")
+            if key and key != "class_path" and key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _plain(value):
+    """A parsed setting as plain data (nested Namespaces as dicts), for comparing and re-parsing."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
+
+
 def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
@@ -109,6 +126,32 @@ def _lightning_cli_class():
                                    "init_args": {"save_dir": "runs"}},
                 "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}],
             })
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning puts a checkpoint's model settings over the parsed ones (the weights need them),
+            # over the flags typed on this command line too: a typed flag wins again, and says so
+            # (`cirlab test --ckpt_path C --model.init_args.inversion=oti` silently tested phi before)
+            sub = self.config.get("subcommand")
+            before = copy.deepcopy(self.config[sub].get("model")) if sub else None
+            super()._parse_ckpt_path()
+            if before is None or not self.config[sub].get("ckpt_path"):
+                return
+            model, typed, changed = self.config[sub].model, {}, []
+            for key in _typed_model_keys(sys.argv[1:]):
+                want, have = _plain(before.get(f"init_args.{key}")), _plain(model.get(f"init_args.{key}"))
+                if want != have:
+                    node = typed
+                    *parents, leaf = key.split(".")
+                    for part in parents:
+                        node = node.setdefault(part, {})
+                    node[leaf] = want
+                    changed.append(f"{key}: {have!r} -> {want!r}")
+            if typed:  # merged the way Lightning merged the checkpoint's
+                self.config = self.parser.parse_object(
+                    {sub: {"model": {"class_path": model["class_path"], "init_args": typed}}}, self.config)
+            if changed:
+                logging.getLogger("cirlab").warning("the command line's model settings over the checkpoint's: %s",
+                                                    "; ".join(changed))
 
         def before_instantiate_classes(self) -> None:
             import torch

@@ -33,6 +33,12 @@ class BackboneConfig:
     image_transform: str = "clip"  # clip | targetpad | squarepad
     train_scale: Optional[list[float]] = None  # RandomResizedCrop scale for kind "clip" in training
 
+    def __post_init__(self) -> None:
+        # `--model.init_args.backbone.pretrained=null` reaches here as the string "None" (LightningCLI's
+        # nested subclass parsing): it means random init, not an open_clip tag named "None"
+        if isinstance(self.pretrained, str) and self.pretrained.strip().lower() in ("", "none", "null", "~"):
+            self.pretrained = None
+
 
 @dataclass
 class OptimizerConfig:
