@@ -67,6 +67,11 @@ def synthetic_command(out: str, seed: int = 0, scenes: int = 4000, queries: int 
     from cirlab.data.synthetic import build_world
     from cirlab.errors import CirlabError
 
+    small = [f"--{name} {value}" for name, value in (("scenes", scenes), ("queries", queries), ("renders", renders))
+             if value < 1]
+    if small:  # named by the flags typed, not by build_world's arguments
+        raise CirlabError(f"{', '.join(small)}: each must be at least 1", "the defaults are --scenes 4000 "
+                          "--queries 400 --renders 3; the tests' small worlds use --scenes 200 --queries 40")
     try:
         m = build_world(out, seed=seed, image_size=image_size, n_train_scenes=scenes, n_eval_queries=queries,
                         renders_per_scene=renders)

@@ -569,3 +569,9 @@ def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small
     err = "\n".join(x for x in err.splitlines() if not x.startswith("INFO: "))
     assert_one_error(code, err, "evaluate", "holds a CLIPTask, which does not rank evaluation sets",
                      "cirlab validate -c RECIPE --ckpt_path CKPT", "BaselineTask")
+
+
+def test_a_world_of_zero_scenes_is_one_error_naming_the_flag(tmp_path, capsys):
+    code, _, err = cirlab(capsys, "data", "synthetic", "--out", str(tmp_path / "w"), "--scenes", "0", "--renders", "0")
+    assert_one_error(code, err, "data", "--scenes 0, --renders 0: each must be at least 1", "--scenes 4000")
+    assert not (tmp_path / "w").exists()
