@@ -61,6 +61,12 @@ def cirlab_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300, cwd=cwd, check=False)
 
 
+def after_lightning(err: str, command: str) -> str:
+    """stderr from cirlab's error line on: Lightning's own lines ("Seed set to 0", "GPU available ...") come first."""
+    start = err.find(f"cirlab {command}: error: ")
+    return err[start:] if start >= 0 else err
+
+
 def assert_one_error(code: int, err: str, command: str, *fragments: str) -> str:
     """Exit 2 and stderr = one `cirlab <command>: error: …` line (+ an optional `  hint:` line)."""
     lines = [line for line in err.splitlines() if line.strip()]
@@ -510,20 +516,19 @@ def test_a_missing_or_foreign_data_folder_and_a_wrong_kind_are_one_error(tmp_pat
     assert isinstance(info.value, CirlabError) and "pair, image, text, triplet" in info.value.hint
 
 
-def test_a_quickstart_recipe_in_an_empty_folder_is_one_error_naming_what_is_missing(tmp_path, capsys, monkeypatch):
+def test_a_quickstart_recipe_in_an_empty_folder_is_one_error_naming_what_is_missing(tmp_path):
     """A new user's first `cirlab fit` before writing the world, or before the run a recipe starts
     from: one line naming the missing path. Before: the missing shards hid behind "the cosine
     schedule needs its length" (the step estimate swallowed the error), the missing checkpoint behind
     90 lines of jsonargparse's traceback (it wraps what a recipe's class raises while it is built)."""
-    monkeypatch.chdir(tmp_path)
-    lightning_info = lambda err: "\n".join(x for x in err.splitlines() if not x.startswith("INFO: "))  # noqa: E731
-    code, _, err = cirlab(capsys, "fit", "-c", "quickstart/clip")
-    text = assert_one_error(code, lightning_info(err), "fit", "no shard folder or tar file at demo_out/world/pairs",
-                            "cirlab data synthetic --out demo_out/world")
-    assert "schedule" not in text
-    code, _, err = cirlab(capsys, "fit", "-c", "quickstart/combiner")
-    assert_one_error(code, lightning_info(err), "fit", "pretrained checkpoint file not found",
+    r = cirlab_process("fit", "-c", "quickstart/clip", cwd=tmp_path)  # a fresh process, as a user runs it
+    text = assert_one_error(r.returncode, after_lightning(r.stderr, "fit"), "fit",
+                            "no shard folder or tar file at demo_out/world/pairs", "cirlab data synthetic --out demo_out/world")
+    assert "schedule" not in text and "Traceback" not in r.stderr
+    r = cirlab_process("fit", "-c", "quickstart/combiner", cwd=tmp_path)
+    assert_one_error(r.returncode, after_lightning(r.stderr, "fit"), "fit", "pretrained checkpoint file not found",
                      "demo_out/runs/combiner-stage1/version_0/export/backbone.safetensors")
+    assert "Traceback" not in r.stderr
 
 
 def test_only_the_users_mistake_behind_an_error_is_shortened():
@@ -549,7 +554,7 @@ def test_only_the_users_mistake_behind_an_error_is_shortened():
     assert user_error_in(RuntimeError("wrapped")) is None and user_error_in(mistake) is mistake
 
 
-def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small_world, tmp_path, capsys):
+def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small_world, tmp_path):
     """A CLIP pre-training checkpoint given to `cirlab evaluate` (its validation is image<->text recall):
     one line saying so and what to run instead, not Lightning's "No `test_step()` method defined"."""
     import lightning as L
@@ -564,10 +569,10 @@ def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small
     trainer.fit(task, datamodule=RetrievalDataModule(train=str(small_world.path("pairs")), kind="pair",
                                                      batch_size=8, steps_per_epoch=1, num_workers=0))
     trainer.save_checkpoint(tmp_path / "clip.ckpt")
-    code, _, err = cirlab(capsys, "evaluate", "--ckpt", str(tmp_path / "clip.ckpt"),
-                          "--sets", str(small_world.root / "eval" / "test"))
-    err = "\n".join(x for x in err.splitlines() if not x.startswith("INFO: "))
-    assert_one_error(code, err, "evaluate", "holds a CLIPTask, which does not rank evaluation sets",
+    r = cirlab_process("evaluate", "--ckpt", str(tmp_path / "clip.ckpt"), "--sets", str(small_world.root / "eval" / "test"),
+                       cwd=tmp_path)
+    assert "Traceback" not in r.stderr
+    assert_one_error(r.returncode, after_lightning(r.stderr, "evaluate"), "evaluate", "holds a CLIPTask, which does not rank evaluation sets",
                      "cirlab validate -c RECIPE --ckpt_path CKPT", "BaselineTask")
 
 
