@@ -110,6 +110,14 @@ def _plain(value):
     return value.as_dict() if hasattr(value, "as_dict") else value
 
 
+def _print_error(command: str, message: str, hint: Optional[str]) -> int:
+    """`cirlab <command>: error: ...` (and `  hint: ...`) on stderr; the exit code 2."""
+    print(f"cirlab {command}: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+    return 2
+
+
 def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
@@ -283,27 +291,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command in LIGHTNING_COMMANDS:
             return _run_lightning_command(argv)
         return _load(COMMANDS[command])(argv[1:]) or 0
-    except CirlabError as err:
+    except Exception as err:
         if debug:
             raise
-        print(f"cirlab {command}: error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"  hint: {err.hint}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        mistake = None if debug else user_error_in(err)
-        if mistake is not None:  # a missing path, or a CirlabError raised while a recipe's class was built
-            message = mistake.message if isinstance(mistake, CirlabError) else str(mistake)
-            hint = mistake.hint if isinstance(mistake, CirlabError) else None
-            print(f"cirlab {command}: error: {' '.join(message.split())}", file=sys.stderr)
-            print(f"  hint: {hint or 'check the path (--debug shows the traceback)'}", file=sys.stderr)
-            return 2
-        # Lightning's verdict on a trainer setting is the user's to fix: one line too
-        if debug or type(err).__name__ != "MisconfigurationException":
-            raise
-        print(f"cirlab {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        print("  hint: check the recipe's trainer section (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        # the user's mistake, also when raised while a recipe's class was built (jsonargparse wraps it)
+        mistake = user_error_in(err)
+        if isinstance(mistake, CirlabError):
+            return _print_error(command, mistake.message, mistake.hint)
+        if mistake is not None:  # a path that is not there
+            return _print_error(command, " ".join(str(mistake).split()), "check the path (--debug shows the traceback)")
+        if type(err).__name__ == "MisconfigurationException":  # Lightning's verdict on a trainer setting
+            return _print_error(command, " ".join(str(err).split()),
+                                "check the recipe's trainer section (--debug shows the traceback)")
+        raise
     except KeyboardInterrupt:
         print(f"cirlab {command}: interrupted", file=sys.stderr)
         return 130
