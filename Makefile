@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	  fi && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[dev]'
+	@# setuptools' notice for every editable install of a mapped layout asks nothing of the user: not shown
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

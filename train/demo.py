@@ -371,11 +371,11 @@ def run_demo(out: str | Path = "demo_out", scale: str = "full", seed: int = 0) -
 
 
 def demo_command(out: str = "demo_out", scale: Literal["full", "fast"] = "full", seed: int = 0) -> int:
-    """The quickstart: synthetic world -> tiny CLIP -> CLIP4Cir (2 stages) + LinCIR -> one table.
+    """The quickstart: synthetic world -> tiny CLIP -> CLIP4Cir, LinCIR, Pic2Word, SEARLE, FocalLens -> two tables.
 
     Args:
         out: output folder
-        scale: full (the real demo, 9-20 min on 2 cores, by the CPU) or fast (a smoke run for tests)
+        scale: full (the real demo: 8.6-13 min on 2 cores, by the host's load) or fast (a smoke run for tests)
         seed: seed of the world and of every run
     """
     run_demo(out, scale, seed)
