@@ -58,6 +58,24 @@ def test_demo_fast_runs_every_step(tmp_path):
         assert not (export(run) / "backbone.safetensors").exists()
         pointer = json.loads((export(run) / "backbone.json").read_text())
         assert pointer["pretrained"] == str((export(source) / "backbone.safetensors").resolve())
+    # `cirlab evaluate --baseline` gives the demo's baseline rows: from the CLIP's export folder, from
+    # its checkpoint, and from the LinCIR checkpoint (a frozen copy of that CLIP, image tower embedded)
+    from cirlab.train.cli import main
+
+    test_set = str(tmp_path / "demo" / "world" / "eval" / "test")
+    routes = {"export": ["--model", "cirlab-tiny", "--pretrained", str(export("clip"))],
+              "clip ckpt": ["--ckpt", str(next((runs / "clip" / "version_0" / "checkpoints").glob("*.ckpt")))],
+              "lincir ckpt": ["--ckpt", str(next((runs / "lincir" / "version_0" / "checkpoints").glob("*.ckpt")))]}
+    for mode, row in (("image", "image only (no training)"), ("sum", "image + text (no training)"),
+                      ("text", "text only (no training)")):
+        for route, args in routes.items():
+            if mode == "text" and route != "export":
+                continue  # one route suffices for the text row
+            out = tmp_path / f"{mode}-{route.replace(' ', '_')}.json"
+            assert main(["evaluate", "--baseline", mode, *args, "--sets", test_set, "--out", str(out)]) == 0
+            got = json.loads(out.read_text())["synthetic"]
+            for key in ("R@1", "R@5", "R@10", "mAP@10", "composition=held_out/R@10"):
+                assert abs(got[key] - rows[row][key]) < 1e-6, (mode, route, key, got[key], rows[row][key])
 
 
 def test_the_demo_searle_follows_the_quickstart_recipe():

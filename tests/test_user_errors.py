@@ -569,7 +569,20 @@ def test_evaluating_a_checkpoint_that_ranks_no_evaluation_set_is_one_error(small
                        cwd=tmp_path)
     assert "Traceback" not in r.stderr
     assert_one_error(r.returncode, after_lightning(r.stderr, "evaluate"), "evaluate", "holds a CLIPTask, which does not rank evaluation sets",
-                     "cirlab validate -c RECIPE --ckpt_path CKPT", "BaselineTask")
+                     "add --baseline sum", "cirlab validate -c RECIPE --ckpt_path CKPT")
+
+
+def test_evaluate_says_what_it_needs_to_score_a_baseline(small_world, tmp_path, capsys):
+    sets = ["--sets", str(small_world.root / "eval" / "test")]
+    code, _, err = cirlab(capsys, "evaluate", *sets)
+    assert_one_error(code, err, "evaluate", "nothing to evaluate: no --ckpt and no --model",
+                     "--baseline sum --model ViT-B-32 --pretrained laion2b_s34b_b79k")
+    code, _, err = cirlab(capsys, "evaluate", "--model", "cirlab-tiny", *sets)
+    assert_one_error(code, err, "evaluate", "--model cirlab-tiny without a checkpoint", "add --baseline sum")
+    code, _, err = cirlab(capsys, "evaluate", "--ckpt", str(tmp_path / "x.ckpt"), "--model", "cirlab-tiny", *sets)
+    assert_one_error(code, err, "evaluate", "--ckpt brings its own backbone", "--baseline with --model")
+    code, _, err = cirlab(capsys, "evaluate", "--baseline", "both", "--model", "cirlab-tiny", *sets)
+    assert_one_error(code, err, "evaluate", "baseline", "`cirlab evaluate --help` lists the options")
 
 
 def test_a_world_of_zero_scenes_is_one_error_naming_the_flag(tmp_path, capsys):

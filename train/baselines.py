@@ -38,3 +38,24 @@ class BaselineTask(ComposedRetrievalTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         raise RuntimeError("BaselineTask has nothing to train: use `cirlab test` or `cirlab evaluate`")
+
+    @classmethod
+    def on_backbone_of(cls, task: Any, mode: str = "sum") -> "BaselineTask":
+        """The baseline on another task's backbone as it stands (a CLIP run's, a fine-tuned one's):
+        its weights, LoRA, image transform and left-out image tower, nothing else of the task."""
+        import dataclasses
+
+        from cirlab.models.loading import quiet_random_init
+
+        cfg = getattr(task, "backbone_cfg", None)
+        if cfg is None or not isinstance(getattr(task, "backbone", None), torch.nn.Module):
+            raise ValueError(f"{type(task).__name__} has no cirlab backbone to score as a baseline")
+        with quiet_random_init():  # a placeholder tower, replaced at once by the task's own
+            baseline = cls(mode, backbone=dataclasses.replace(cfg, pretrained=None, lora=None),
+                           evaluation=getattr(task, "eval_cfg", None))
+        baseline.backbone = task.backbone
+        baseline.backbone.requires_grad_(False)
+        baseline.backbone_cfg = cfg  # ensure_image_tower rebuilds a left-out image tower from its source
+        if getattr(task, "_embedded_image_tower", None) is not None:
+            baseline._embedded_image_tower = task._embedded_image_tower
+        return baseline.eval()

@@ -51,13 +51,21 @@ def format_metrics(name: str, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_command(ckpt: str, sets: list[str], out: Optional[str] = None, batch_size: int = 128,
+def evaluate_command(sets: list[str], ckpt: Optional[str] = None,
+                     baseline: Optional[Literal["image", "text", "sum"]] = None, model: Optional[str] = None,
+                     pretrained: Optional[str] = None, out: Optional[str] = None, batch_size: int = 128,
                      accelerator: str = "auto", submission_dir: Optional[str] = None) -> int:
-    """Evaluate a trained checkpoint on evaluation-set folders, print the metrics (and save them).
+    """Evaluate a trained checkpoint, or a backbone as a zero-training baseline, on evaluation-set folders.
 
     Args:
-        ckpt: a .ckpt written by `cirlab fit` (any cirlab task)
         sets: evaluation-set folders (with protocol.json)
+        ckpt: a .ckpt written by `cirlab fit` (any cirlab task)
+        baseline: score a backbone with no training, the query being the reference image (image), the
+            text (text) or their normalised sum (sum): the backbone of --ckpt (a CLIP run's), or of
+            --model / --pretrained
+        model: open_clip model name of a backbone without a checkpoint (ViT-B-32, cirlab-tiny)
+        pretrained: that backbone's weights: a pretrained tag (laion2b_s34b_b79k), a weights file, or a
+            run's export/ folder; none: random init
         out: write the metrics here as JSON
         batch_size: images per encoding batch
         accelerator: lightning accelerator (auto, cpu, gpu)
@@ -65,9 +73,33 @@ def evaluate_command(ckpt: str, sets: list[str], out: Optional[str] = None, batc
     """
     from cirlab.data.evalset import load_eval_set
 
+    if ckpt and (model or pretrained):
+        raise CirlabError("--ckpt brings its own backbone; --model / --pretrained name a backbone without one",
+                          "give --ckpt alone (add --baseline to score its backbone), or --baseline with "
+                          "--model and --pretrained")
+    if not ckpt and not model:
+        raise CirlabError("nothing to evaluate: no --ckpt and no --model",
+                          "--ckpt RUN.ckpt, or a zero-training baseline: --baseline sum --model ViT-B-32 "
+                          "--pretrained laion2b_s34b_b79k")
+    if model and not baseline:
+        raise CirlabError(f"--model {model} without a checkpoint is scored as a zero-training baseline, and "
+                          "--baseline is not set", "add --baseline sum (or image, or text)")
     for s in sets:  # fail before loading the model, naming the folder
         load_eval_set(s)
-    task = load_task(ckpt)
+    if ckpt:
+        task = load_task(ckpt)
+    if baseline:
+        from cirlab.train.baselines import BaselineTask
+
+        if ckpt:
+            task = BaselineTask.on_backbone_of(task, baseline)
+        else:
+            from cirlab.train.base import exported_backbone
+            from cirlab.train.config import BackboneConfig
+
+            if pretrained and Path(pretrained).is_dir():
+                pretrained = exported_backbone(pretrained)
+            task = BaselineTask(baseline, backbone=BackboneConfig(model, pretrained)).eval()
     from cirlab.train.conditional import ConditionalEmbeddingTask
 
     if isinstance(task, ConditionalEmbeddingTask):  # FocalLens: image + instruction -> images, its own protocol
@@ -75,10 +107,8 @@ def evaluate_command(ckpt: str, sets: list[str], out: Optional[str] = None, batc
     if not _ranks_evaluation_sets(task):
         raise CirlabError(f"{ckpt} holds a {type(task).__name__}, which does not rank evaluation sets "
                           "(`cirlab evaluate` scores composed-retrieval and conditional tasks)",
-                          "a CLIP or warm-up run is scored by its own validation: `cirlab validate -c RECIPE "
-                          "--ckpt_path CKPT`; its backbone as a zero-training baseline on these sets: "
-                          "cirlab.train.baselines.BaselineTask with backbone.pretrained = the run's "
-                          "export/backbone.safetensors, then cirlab.train.commands.evaluate")
+                          "score its backbone as a zero-training baseline: add --baseline sum (or image, or "
+                          "text); its own validation: `cirlab validate -c RECIPE --ckpt_path CKPT`")
     if submission_dir:
         task.eval_cfg.submission_dir = submission_dir
     return _report(evaluate(task, sets, batch_size, accelerator), out)
