@@ -281,7 +281,42 @@ def test_retrieve_warns_about_an_empty_text_and_a_cut_one(combiner_ckpt, gallery
     assert code == 0 and _warnings(err) == []
 
 
-def test_retrieve_mistakes_are_one_error_line(combiner_ckpt, gallery_dir, tmp_path, capsys):
+def test_loading_a_checkpoint_that_carries_its_backbone_does_not_say_initialized_randomly(combiner_ckpt, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        Backbone("cirlab-tiny")  # a real random init: open_clip says so
+    assert "initialized randomly" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        task = load_task(combiner_ckpt)  # trained from random init; the weights are the checkpoint's
+    assert "initialized randomly" not in caplog.text, caplog.text
+    raw = torch.load(combiner_ckpt, weights_only=True)["state_dict"]
+    for k, v in task.state_dict().items():
+        if k.startswith("backbone."):
+            assert torch.equal(v, raw[k]), k
+
+
+def test_a_folder_of_image_shards_is_a_gallery_named_by_sample_id(small_world, combiner_ckpt, tmp_path, capsys):
+    """--gallery on shards (an evaluation set's gallery/) ranks as the same images saved as files do."""
+    shards = small_world.path("eval/test") / "gallery"
+    files = tmp_path / "as_files"
+    files.mkdir()
+    stream = ShardStream(shards, "image", resampled=False, shuffle=False, shuffle_buffer=0, batch_size=None,
+                         rank=0, world_size=1, equal_steps=False)
+    for s in stream:
+        s["image"].save(files / f"{s['id']}.png")  # lossless: the same pixels as the shard's
+    query = files / sorted(p.name for p in files.iterdir())[5]
+    expected = _manual_ranking(load_task(combiner_ckpt), list_images(files), query, "make it red")
+    code, out, err = _retrieve(capsys, combiner_ckpt, shards, query, "make it red", tmp_path, k=5)
+    assert code == 0, err
+    ranked = [line.split()[2] for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert ranked == [p.stem for p in expected[:5]]  # sample ids, in the order the files rank
+    page = (tmp_path / "page.html").read_text()
+    assert page.count('class="result') == 5 and all(i in page for i in ranked)
+
+
+def test_retrieve_mistakes_are_one_error_line(small_world, combiner_ckpt, gallery_dir, tmp_path, capsys):
     from test_user_errors import assert_one_error
 
     image = gallery_dir / "03.png"
@@ -294,12 +329,8 @@ def test_retrieve_mistakes_are_one_error_line(combiner_ckpt, gallery_dir, tmp_pa
     (broken / "b.jpg").write_bytes(b"garbage")
     zero = tmp_path / "zero.png"
     zero.write_bytes(b"")
-    shards = tmp_path / "shards"  # a shard folder (the synthetic world's images/) holds no image files
-    shards.mkdir()
-    (shards / "index.json").write_text("{}")
-    (shards / "shard-000000.tar").write_bytes(b"")
     for gallery, query, fragments in [
-        (shards, image, ["holds shards (index.json), not image files", "folder of image files"]),
+        (small_world.path("triplets/train"), image, ["holds triplet shards, not images", "--kind image"]),
         (tmp_path / "nowhere", image, ["gallery folder", "nowhere", "does not exist", "--gallery"]),
         (empty, image, ["no images (.jpg", str(empty)]),
         (broken, image, ["none of the 2 gallery images is readable", "a.png (empty file (0 bytes))"]),

@@ -238,7 +238,17 @@ def load_task(ckpt: str | Path, **overrides: Any):
     cls = task_class(checkpoint, path)
     hp = task_arguments(cls, checkpoint.get("hyper_parameters", {}))
     hp.update(overrides)
-    task = cls(**hp)
+    weights = checkpoint.get("state_dict") or {}
+    carried = any(k.startswith(_BACKBONE_PREFIX) for k in weights)
+    if carried and getattr(hp.get("backbone"), "pretrained", "") is None:
+        # the backbone is built at random and its weights come from the checkpoint a moment later:
+        # open_clip's "Model initialized randomly" would tell the user the opposite of what happens
+        from cirlab.models.loading import quiet_random_init
+
+        with quiet_random_init():
+            task = cls(**hp)
+    else:
+        task = cls(**hp)
     task.on_load_checkpoint(checkpoint)
     task.load_state_dict(checkpoint["state_dict"])
     return task.eval()

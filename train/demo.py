@@ -159,18 +159,9 @@ def breakdown_columns(rows: dict[str, dict[str, float]], k: int = 10) -> dict[st
 
 
 def _gallery_images(test_set: Path) -> dict[str, bytes]:
-    from cirlab.data.streaming import ShardStream
+    from cirlab.train.retrieve import ShardGallery
 
-    out = {}
-    stream = ShardStream(test_set / "gallery", "image", resampled=False, shuffle=False, shuffle_buffer=0,
-                         batch_size=None, rank=0, world_size=1, equal_steps=False)
-    import io
-
-    for s in stream:
-        buf = io.BytesIO()
-        s["image"].save(buf, format="PNG")
-        out[s["id"]] = buf.getvalue()
-    return out
+    return ShardGallery(test_set / "gallery").encoded()
 
 
 def _recipes() -> Path:

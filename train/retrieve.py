@@ -1,4 +1,5 @@
-"""`cirlab retrieve`: a trained checkpoint, a gallery folder, a query image and text -> the top-k images.
+"""`cirlab retrieve`: a trained checkpoint, a gallery (a folder of image files, or of image shards), a
+query image and text -> the top-k images.
 
 Unreadable gallery files (0 bytes, corrupt) are skipped, counted and listed, as training and conversion
 skip them; an empty text warns (an image-only query), a text longer than the text tower's context
@@ -11,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,59 @@ def list_images(folder: str | Path) -> list[Path]:
     if not root.is_dir():
         raise RetrieveError(f"gallery folder {root} does not exist", "pass the folder of images to search with --gallery")
     files = list_image_files(root)
-    if not files and (root / "index.json").is_file():
-        raise RetrieveError(f"{root} holds shards (index.json), not image files",
-                            "--gallery takes a folder of image files (your photos); the synthetic world's "
-                            "retrievals are on `cirlab demo`'s report page (demo_out/report.html)")
     if not files:
         raise RetrieveError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}",
-                            "pass the folder of images to search with --gallery")
+                            "pass the folder of images to search with --gallery, or a folder of image shards "
+                            "(cirlab data convert --kind image)")
     return files
+
+
+@dataclass
+class ShardGallery:
+    """A folder of image shards (`cirlab data convert --kind image`, an evaluation set's gallery/) searched
+    as a gallery: images are known by their sample id."""
+
+    root: Path
+
+    def stream(self, transform: Any = None) -> Any:
+        from cirlab.data.streaming import ShardStream
+
+        return ShardStream(self.root, "image", transform=transform, resampled=False, shuffle=False,
+                           shuffle_buffer=0, batch_size=None, rank=0, world_size=1, equal_steps=False)
+
+    def __len__(self) -> int:
+        from cirlab.data.shards import read_index
+
+        return sum(read_index(self.root).counts)
+
+    def encoded(self, ids: Optional[Sequence[str]] = None) -> dict[str, bytes]:
+        """PNG bytes of the images with these ids, or of all (a second pass: nothing of the gallery is kept)."""
+        import io
+
+        want, out = (None if ids is None else set(ids)), {}
+        for sample in self.stream():
+            if want is None or sample["id"] in want:
+                buf = io.BytesIO()
+                sample["image"].save(buf, format="PNG")
+                out[sample["id"]] = buf.getvalue()
+                if want is not None and len(out) == len(want):
+                    break
+        return out
+
+
+def open_gallery(folder: str | Path) -> list[Path] | ShardGallery:
+    """--gallery: a folder of image files, or a shard folder (index.json) of kind image."""
+    root = Path(folder)
+    if (root / "index.json").is_file():
+        from cirlab.data.shards import read_index
+
+        kind = read_index(root).kind
+        if kind != "image":
+            raise RetrieveError(f"{root} holds {kind} shards, not images",
+                                "--gallery takes image shards (cirlab data convert --kind image, or an evaluation "
+                                "set's gallery/ folder) or a folder of image files")
+        return ShardGallery(root)
+    return list_images(root)
 
 
 @dataclass
@@ -78,11 +124,41 @@ def query_text_warnings(task: Any, text: str) -> list[str]:
     return out
 
 
+def _gallery_batches(gallery: Sequence[Path] | ShardGallery, tf: Any, batch_size: int,
+                     skipped: list[tuple[Path, str]]) -> Iterator[tuple[list[Path | str], torch.Tensor]]:
+    """(names, transformed images) batches of the gallery; unreadable files go to ``skipped`` (a shard
+    stream skips and reports its bad samples itself)."""
+    if isinstance(gallery, ShardGallery):
+        names: list[Path | str] = []
+        images = []
+        for sample in tqdm(gallery.stream(tf), total=len(gallery), desc="encoding the gallery", unit="image",
+                           disable=None):
+            names.append(sample["id"])
+            images.append(sample["image"])
+            if len(images) == batch_size:
+                yield names, torch.stack(images)
+                names, images = [], []
+        if images:
+            yield names, torch.stack(images)
+        return
+    for s in tqdm(range(0, len(gallery), batch_size), desc="encoding the gallery", unit="batch", disable=None):
+        names, images = [], []
+        for p in gallery[s:s + batch_size]:
+            try:
+                images.append(tf(decode_rgb(p)))
+                names.append(p)
+            except (OSError, ImageDecodeError) as exn:
+                skipped.append((p, str(exn)))
+        if images:
+            yield names, torch.stack(images)
+
+
 @torch.no_grad()
-def retrieve(task: Any, gallery: Sequence[Path], image: Path, text: str, k: int = 10,
+def retrieve(task: Any, gallery: Sequence[Path] | ShardGallery, image: Path, text: str, k: int = 10,
              batch_size: int = 64) -> Retrieval:
     """Rank the gallery images for (image, text) with the task's own query; best first. Unreadable
-    gallery files are skipped and returned in ``skipped``; an unreadable query image is an error."""
+    gallery files are skipped and returned in ``skipped``; an unreadable query image is an error.
+    A shard gallery's results are named by sample id."""
     from cirlab.data.evalset import Protocol
     from cirlab.train.ranking import rank
 
@@ -93,19 +169,12 @@ def retrieve(task: Any, gallery: Sequence[Path], image: Path, text: str, k: int 
         query = decode_rgb(image)
     except (OSError, ImageDecodeError) as exn:
         raise RetrieveError(f"query image {image} is not readable ({exn})", "pass an image file with --image") from exn
-    kept: list[Path] = []
+    kept: list[Path | str] = []
     skipped: list[tuple[Path, str]] = []
     feats = []
-    for s in tqdm(range(0, len(gallery), batch_size), desc="encoding the gallery", unit="batch", disable=None):
-        batch = []
-        for p in gallery[s:s + batch_size]:
-            try:
-                batch.append(tf(decode_rgb(p)))
-                kept.append(p)
-            except (OSError, ImageDecodeError) as exn:
-                skipped.append((p, str(exn)))
-        if batch:
-            feats.append(task.gallery_features(torch.stack(batch).to(task.device)).float().cpu())
+    for names, batch in _gallery_batches(gallery, tf, batch_size, skipped):
+        kept += names
+        feats.append(task.gallery_features(batch.to(task.device)).float().cpu())
     if not kept:
         first = f"{skipped[0][0]} ({skipped[0][1]})" if skipped else "none"
         raise RetrieveError(f"none of the {len(gallery)} gallery images is readable (the first: {first})",
@@ -118,6 +187,17 @@ def retrieve(task: Any, gallery: Sequence[Path], image: Path, text: str, k: int 
     return Retrieval(results, skipped, len(kept))
 
 
+def _ranked_images(results: list[tuple[Path | str, float]], gallery: Sequence[Path] | ShardGallery | Path
+                   ) -> tuple[list[tuple[str, float]], dict[str, bytes]]:
+    """The results as (image id, score) and each result's encoded image, for the page and the strip."""
+    if isinstance(gallery, ShardGallery):
+        ranked = [(str(name), score) for name, score in results]
+        return ranked, gallery.encoded([name for name, _ in ranked])
+    root = Path(gallery) if isinstance(gallery, (str, Path)) else Path(".")
+    ranked = [(_image_id(Path(p), root), score) for p, score in results]
+    return ranked, {_image_id(Path(p), root): Path(p).read_bytes() for p, _ in results}
+
+
 def _image_id(path: Path, root: Path) -> str:
     try:
         return path.relative_to(root).as_posix()
@@ -125,23 +205,21 @@ def _image_id(path: Path, root: Path) -> str:
         return str(path)
 
 
-def write_html(out: Path, image: Path, text: str, results: list[tuple[Path, float]], gallery_root: Path,
-               method: str = "checkpoint", notes: Sequence[str] = ()) -> Path:
+def write_html(out: Path, image: Path, text: str, results: list[tuple[Path | str, float]],
+               gallery: Path | ShardGallery, method: str = "checkpoint", notes: Sequence[str] = ()) -> Path:
     """The results page (cirlab.train.report): the query, then the top-k with their scores."""
     from cirlab.train.report import write_retrieval_page
 
-    images = {_image_id(p, gallery_root): p.read_bytes() for p, _ in results}
-    ranked = [(_image_id(p, gallery_root), s) for p, s in results]
+    ranked, images = _ranked_images(results, gallery)
     return write_retrieval_page(out, image.read_bytes(), text, ranked, images, method, notes)
 
 
-def write_grid(out: Path, image: Path, text: str, results: list[tuple[Path, float]], gallery_root: Path,
-               method: str = "checkpoint") -> Path:
+def write_grid(out: Path, image: Path, text: str, results: list[tuple[Path | str, float]],
+               gallery: Path | ShardGallery, method: str = "checkpoint") -> Path:
     """The query, then the results, as one PNG strip."""
     from cirlab.train.report import write_retrieval_grid
 
-    images = {_image_id(p, gallery_root): p.read_bytes() for p, _ in results}
-    ranked = [(_image_id(p, gallery_root), s) for p, s in results]
+    ranked, images = _ranked_images(results, gallery)
     return write_retrieval_grid(out, image.read_bytes(), text, ranked, images, method)
 
 
@@ -151,7 +229,7 @@ def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int 
 
     Args:
         ckpt: a .ckpt written by `cirlab fit` (Combiner, LinCIR, any cirlab task)
-        gallery: folder of images to search
+        gallery: folder of images to search (image files, or image shards: cirlab data convert --kind image)
         image: the reference (query) image
         text: what to change
         top_k: how many results
@@ -166,7 +244,7 @@ def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int 
     image = Path(a.image)
     if not image.is_file():
         raise RetrieveError(f"query image {image} does not exist", "pass the reference image with --image")
-    gallery = list_images(a.gallery)
+    gallery = open_gallery(a.gallery)
     task = load_task(a.ckpt)
     notes = query_text_warnings(task, a.text)
     found = retrieve(task, gallery, image, a.text, a.top_k)
@@ -177,9 +255,10 @@ def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int 
     for i, (path, score) in enumerate(found.results, 1):
         print(f"{i:3d}  {score:.4f}  {path}")
     method = type(task).__name__.removesuffix("Task")
-    print(f"page: {write_html(Path(a.html), image, a.text, found.results, Path(a.gallery), method, notes)}")
+    where = gallery if isinstance(gallery, ShardGallery) else Path(a.gallery)
+    print(f"page: {write_html(Path(a.html), image, a.text, found.results, where, method, notes)}")
     if a.grid:
-        print(f"grid: {write_grid(Path(a.grid), image, a.text, found.results, Path(a.gallery), method)}")
+        print(f"grid: {write_grid(Path(a.grid), image, a.text, found.results, where, method)}")
     return 0
 
 
