@@ -20,6 +20,7 @@ import torch
 from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
+from cirlab.errors import CirlabError
 from cirlab.models import lora as _lora
 from cirlab.models.loading import load_into_open_clip, looks_like_path, quiet_random_init
 from cirlab.models.text_context import note_cut_texts, token_counts
@@ -61,6 +62,14 @@ def hash_state(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
         t = state[key].detach()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+class WeightsFetchError(CirlabError, RuntimeError):
+    """Pretrained weights that could not be fetched (no network, a hub error): one line, with the way out."""
+
+
+class UnknownPretrainedError(CirlabError, ValueError):
+    """A pretrained tag open_clip does not know for this model."""
 
 class Backbone(nn.Module):
     """An open_clip model plus the encoders cirlab's methods need; all features are raw (unnormalised).
@@ -122,8 +131,9 @@ class Backbone(nn.Module):
             try:
                 return open_clip.create_model(name, cache_dir=cache_dir)
             except Exception as e:
-                raise RuntimeError(f"could not build {name!r} ({e}); without network access use a local "
-                                   "'local-dir:' folder or an open_clip model name with pretrained=<file>") from e
+                raise WeightsFetchError(f"could not build {name!r} ({str(e).splitlines()[0][:300]})",
+                                        "without network access use a local 'local-dir:' folder, or an open_clip "
+                                        "model name with pretrained=<file>") from e
         if pretrained is None or pretrained == "":
             return open_clip.create_model(name, pretrained=None, **random_init)
         if not isinstance(pretrained, (str, os.PathLike)):
@@ -143,14 +153,15 @@ class Backbone(nn.Module):
         clean = lambda tag: tag.lower().replace("-", "_")  # noqa: E731 -- open_clip's own tag normalisation
         if clean(pretrained) not in [clean(t) for t in tags]:
             known = f"its tags: {tags}" if tags else "it has no open_clip pretrained tags"
-            raise ValueError(f"unknown pretrained tag {pretrained!r} for model {name!r}; {known}. "
-                             "Or pass a local checkpoint file, or None for random init.")
+            raise UnknownPretrainedError(f"unknown pretrained tag {pretrained!r} for model {name!r}; {known}",
+                                         "or pass a local checkpoint file, or None for random init")
         try:
             return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as e:
-            raise RuntimeError(f"could not fetch the weights of {name!r} pretrained={pretrained!r} "
-                               f"({str(e).splitlines()[0][:300]}). Without network access, download the "
-                               "checkpoint elsewhere and pass its local path as pretrained=<file>.") from e
+            raise WeightsFetchError(f"could not fetch the weights of {name!r} pretrained={pretrained!r} "
+                                    f"({str(e).splitlines()[0][:300]})",
+                                    "without network access, download the checkpoint elsewhere and pass its "
+                                    "local path as pretrained=<file>") from e
 
     def _find_embed_dim(self) -> int:
         cfg = open_clip.get_model_config(self.model_name) if ":" not in self.model_name else None

@@ -589,3 +589,18 @@ def test_a_world_of_zero_scenes_is_one_error_naming_the_flag(tmp_path, capsys):
     code, _, err = cirlab(capsys, "data", "synthetic", "--out", str(tmp_path / "w"), "--scenes", "0", "--renders", "0")
     assert_one_error(code, err, "data", "--scenes 0, --renders 0: each must be at least 1", "--scenes 4000")
     assert not (tmp_path / "w").exists()
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_one_error(small_world, tmp_path, monkeypatch):
+    """Offline (a cluster's compute node, this machine): a pretrained tag is one line naming the way out
+    (a local file), not a traceback; an unknown tag lists the known ones."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once, as without network, with no retries
+    sets = ["--sets", str(small_world.root / "eval" / "test")]
+    r = cirlab_process("evaluate", "--baseline", "sum", "--model", "RN50", "--pretrained", "openai", *sets,
+                       cwd=tmp_path)
+    assert_one_error(r.returncode, after_lightning(r.stderr, "evaluate"), "evaluate",
+                     "could not fetch the weights of 'RN50' pretrained='openai'", "pretrained=<file>")
+    r = cirlab_process("evaluate", "--baseline", "sum", "--model", "ViT-B-32", "--pretrained", "laion9000", *sets,
+                       cwd=tmp_path)
+    assert_one_error(r.returncode, after_lightning(r.stderr, "evaluate"), "evaluate",
+                     "unknown pretrained tag 'laion9000'", "laion2b_s34b_b79k", "a local checkpoint file")
