@@ -187,15 +187,14 @@ def retrieve(task: Any, gallery: Sequence[Path] | ShardGallery, image: Path, tex
     return Retrieval(results, skipped, len(kept))
 
 
-def _ranked_images(results: list[tuple[Path | str, float]], gallery: Sequence[Path] | ShardGallery | Path
+def _ranked_images(results: list[tuple[Path | str, float]], gallery: Path | ShardGallery
                    ) -> tuple[list[tuple[str, float]], dict[str, bytes]]:
     """The results as (image id, score) and each result's encoded image, for the page and the strip."""
     if isinstance(gallery, ShardGallery):
         ranked = [(str(name), score) for name, score in results]
         return ranked, gallery.encoded([name for name, _ in ranked])
-    root = Path(gallery) if isinstance(gallery, (str, Path)) else Path(".")
-    ranked = [(_image_id(Path(p), root), score) for p, score in results]
-    return ranked, {_image_id(Path(p), root): Path(p).read_bytes() for p, _ in results}
+    ranked = [(_image_id(Path(p), gallery), score) for p, score in results]
+    return ranked, {_image_id(Path(p), gallery): Path(p).read_bytes() for p, _ in results}
 
 
 def _image_id(path: Path, root: Path) -> str:
@@ -203,24 +202,6 @@ def _image_id(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return str(path)
-
-
-def write_html(out: Path, image: Path, text: str, results: list[tuple[Path | str, float]],
-               gallery: Path | ShardGallery, method: str = "checkpoint", notes: Sequence[str] = ()) -> Path:
-    """The results page (cirlab.train.report): the query, then the top-k with their scores."""
-    from cirlab.train.report import write_retrieval_page
-
-    ranked, images = _ranked_images(results, gallery)
-    return write_retrieval_page(out, image.read_bytes(), text, ranked, images, method, notes)
-
-
-def write_grid(out: Path, image: Path, text: str, results: list[tuple[Path | str, float]],
-               gallery: Path | ShardGallery, method: str = "checkpoint") -> Path:
-    """The query, then the results, as one PNG strip."""
-    from cirlab.train.report import write_retrieval_grid
-
-    ranked, images = _ranked_images(results, gallery)
-    return write_retrieval_grid(out, image.read_bytes(), text, ranked, images, method)
 
 
 def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int = 10,
@@ -255,10 +236,14 @@ def retrieve_command(ckpt: str, gallery: str, image: str, text: str, top_k: int 
     for i, (path, score) in enumerate(found.results, 1):
         print(f"{i:3d}  {score:.4f}  {path}")
     method = type(task).__name__.removesuffix("Task")
-    where = gallery if isinstance(gallery, ShardGallery) else Path(a.gallery)
-    print(f"page: {write_html(Path(a.html), image, a.text, found.results, where, method, notes)}")
+    from cirlab.train.report import write_retrieval_grid, write_retrieval_page
+
+    # the results' images once, for the page and the strip (a shard gallery reads them in a second pass)
+    ranked, images = _ranked_images(found.results, gallery if isinstance(gallery, ShardGallery) else Path(a.gallery))
+    query = image.read_bytes()
+    print(f"page: {write_retrieval_page(Path(a.html), query, a.text, ranked, images, method, notes)}")
     if a.grid:
-        print(f"grid: {write_grid(Path(a.grid), image, a.text, found.results, where, method)}")
+        print(f"grid: {write_retrieval_grid(Path(a.grid), query, a.text, ranked, images, method)}")
     return 0
 
 
